@@ -1,0 +1,200 @@
+"""NAN coefficients: per-input Frobenius norms to normalised merge weights.
+
+This module is the single source of the NAN arithmetic (Si et al., 2025,
+arXiv 2505.16148). It is plain torch and imports nothing from mergekit, so the
+merge method, the modifier, the CLI and the tests all call the same code.
+
+For inputs x_1..x_n (task vectors or full tensors), exponent p and priors w::
+
+    alpha_i = w_i * ||x_i||_F^(-p) / sum_j w_j * ||x_j||_F^(-p)
+
+Zero-norm rule: an input whose x_i is exactly zero carries no information; its
+coefficient is 0 and the others are renormalised. If every x_i is zero the
+coefficients fall back to the normalised priors w_i / sum_j w_j (the merge then
+returns the base, or the plain average when there is no base).
+
+Norms are accumulated in float32 (float64 for float64 inputs) chunk by chunk,
+with differences to the base formed element-wise in that precision, so no
+full-size temporary is allocated and small task vectors do not cancel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+__all__ = [
+    "NORM_CHUNK_ELEMENTS",
+    "NonFiniteInputError",
+    "accumulation_dtype",
+    "coefficients_from_norms",
+    "frobenius_norms",
+    "tensor_coefficients",
+]
+
+NORM_CHUNK_ELEMENTS = 1 << 22
+"""Elements per input read at once while accumulating norms (16 MiB in float32)."""
+
+
+class NonFiniteInputError(ValueError):
+    """Some inputs hold NaN or Inf values.
+
+    ``indices`` are positions in the ``tensors`` argument; ``base`` tells
+    whether the base tensor itself is non-finite.
+    """
+
+    def __init__(self, indices: Tuple[int, ...], base: bool):
+        self.indices = indices
+        self.base = base
+        culprits = [f"input {i}" for i in indices] + (["base"] if base else [])
+        super().__init__(f"non-finite values (NaN or Inf) in {', '.join(culprits)}")
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype norms and coefficients are computed in: float64 stays, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    # A view for contiguous inputs; only exotic strides pay for a copy.
+    return tensor.reshape(-1)
+
+
+def _norms_in(
+    tensors: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor],
+    dtype: torch.dtype,
+    chunk: int,
+) -> torch.Tensor:
+    flats = [_flat(t) for t in tensors]
+    flat_base = _flat(base) if base is not None else None
+    numel = flats[0].numel()
+    device = flats[0].device
+    if numel == 0:
+        return torch.zeros(len(flats), dtype=dtype, device=device)
+    parts = []
+    for start in range(0, numel, chunk):
+        length = min(chunk, numel - start)
+        base_part = (
+            flat_base.narrow(0, start, length).to(dtype)
+            if flat_base is not None
+            else None
+        )
+        row = []
+        for flat in flats:
+            part = flat.narrow(0, start, length)
+            if base_part is not None:
+                part = torch.sub(part, base_part)
+            row.append(torch.linalg.vector_norm(part, dtype=dtype))
+        parts.append(torch.stack(row))
+        del base_part
+    if len(parts) == 1:
+        return parts[0]
+    return torch.linalg.vector_norm(torch.stack(parts), dim=0)
+
+
+def frobenius_norms(
+    tensors: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor] = None,
+    *,
+    chunk: int = NORM_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Return ||x_i||_F for each input, x_i = tensors[i] - base (or tensors[i]).
+
+    The result is a 1-D tensor on the inputs' device, in
+    ``accumulation_dtype`` of the inputs. At most ``chunk`` elements per input
+    are converted at a time. A float32 sum that overflows (inputs near the top
+    of the half-precision ranges) is redone, and returned, in float64. One host
+    sync checks
+    finiteness; non-finite inputs raise :class:`NonFiniteInputError`.
+    """
+    if not tensors:
+        raise ValueError("at least one input tensor is required")
+    if chunk <= 0:
+        raise ValueError("chunk must be positive")
+    for tensor in (*tensors, *(() if base is None else (base,))):
+        if not tensor.is_floating_point():
+            raise TypeError(f"NAN needs floating-point tensors, got {tensor.dtype}")
+    dtype = accumulation_dtype(tensors[0].dtype)
+    norms = _norms_in(tensors, base, dtype, chunk)
+    if bool(torch.isfinite(norms).all()):
+        return norms
+    # Rare path: overflow of the float32 accumulation, or non-finite inputs.
+    wide = _norms_in(tensors, base, torch.float64, chunk)
+    if bool(torch.isfinite(wide).all()):
+        return wide
+    bad = tuple(
+        index
+        for index, tensor in enumerate(tensors)
+        if not bool(torch.isfinite(tensor).all())
+    )
+    bad_base = base is not None and not bool(torch.isfinite(base).all())
+    if not bad and not bad_base:
+        # Finite inputs whose differences exceed float64: impossible for
+        # IEEE formats up to float64 itself, reported rather than hidden.
+        raise OverflowError("task-vector norms overflow float64")
+    raise NonFiniteInputError(bad, bad_base)
+
+
+def coefficients_from_norms(
+    norms: torch.Tensor,
+    *,
+    exponent: float = 1.0,
+    prior: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Turn norms into NAN coefficients that sum to one.
+
+    ``norms`` has shape ``[..., n]`` (non-negative); ``prior`` broadcasts to
+    it (default all ones, non-negative). Computed in log space so extreme norms
+    or exponents neither overflow nor underflow. Zero norms get coefficient 0;
+    rows whose norms are all zero get the normalised prior. A row whose
+    weighted sum is zero (all priors zero) raises ``ValueError``.
+    """
+    if not math.isfinite(exponent):
+        raise ValueError(f"nan_exponent must be finite, got {exponent}")
+    dtype = accumulation_dtype(norms.dtype)
+    norms = norms.to(dtype)
+    if prior is None:
+        prior = torch.ones_like(norms)
+    else:
+        prior = torch.broadcast_to(prior.to(dtype=dtype, device=norms.device), norms.shape)
+    informative = norms > 0
+    logits = torch.where(
+        informative, -exponent * torch.log(torch.where(informative, norms, 1.0)), -math.inf
+    )
+    logits = torch.where(prior > 0, logits, -math.inf)
+    any_informative = (logits > -math.inf).any(dim=-1, keepdim=True)
+    shift = torch.where(any_informative, logits.amax(dim=-1, keepdim=True), 0.0)
+    scores = torch.where(
+        any_informative,
+        prior * torch.exp(logits - shift),
+        prior,
+    )
+    total = scores.sum(dim=-1, keepdim=True)
+    if not bool((total > 0).all() & (prior >= 0).all()):
+        raise ValueError("NAN priors (weight) must be non-negative and not all zero")
+    return scores / total
+
+
+def tensor_coefficients(
+    tensors: Sequence[torch.Tensor],
+    base: Optional[torch.Tensor] = None,
+    *,
+    exponent: float = 1.0,
+    prior: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Norms of ``tensors`` (minus ``base`` when given) to NAN coefficients.
+
+    Returns a 1-D tensor of ``len(tensors)`` coefficients on the inputs' device.
+    """
+    norms = frobenius_norms(tensors, base)
+    weights = (
+        None
+        if prior is None
+        else torch.tensor(list(prior), dtype=norms.dtype, device=norms.device)
+    )
+    if weights is not None and weights.shape != norms.shape:
+        raise ValueError(f"expected {norms.numel()} prior weights, got {weights.numel()}")
+    return coefficients_from_norms(norms, exponent=exponent, prior=weights)

@@ -1,0 +1,98 @@
+"""The ``nan`` merge method: norm-derived coefficients, no hand-tuned weights.
+
+Per output tensor, with non-base inputs theta_i and optional base theta_b::
+
+    x_i     = theta_i - theta_b   (nan_norm auto/delta, with a base)
+            = theta_i             (no base, or nan_norm: weights)
+    alpha_i = w_i ||x_i||^-p / sum_j w_j ||x_j||^-p       (p = nan_exponent)
+    result  = sum_i alpha_i theta_i                              (no base)
+            = theta_b + lambda * sum_i alpha_i (theta_i - theta_b)   (base)
+
+Zero-norm inputs get alpha_i = 0; if all are zero the priors decide (the
+result is then the base, or the plain average without one). Arithmetic runs in
+float32 (float64 for float64 inputs) on the inputs' device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    GroupMergeMethod,
+    InputContract,
+    MergeMethodSpec,
+    ParameterScope,
+    ParameterSpec,
+    PerInputValues,
+    TensorGroup,
+)
+
+from mergekit_nan.coefficients import accumulation_dtype
+from mergekit_nan.group import group_coefficients
+from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, finite_float
+
+__all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
+
+NAN_PAPER_URL = "https://arxiv.org/abs/2505.16148"
+
+
+class NanMerge(GroupMergeMethod):
+    """NAN (Si et al., 2025): inverse-norm coefficients for each output tensor."""
+
+    spec = MergeMethodSpec(
+        name="nan",
+        pretty_name="NAN",
+        reference_url=NAN_PAPER_URL,
+        parameters=(
+            ParameterSpec(
+                "weight",
+                finite_float("weight", non_negative=True),
+                ParameterScope.NON_BASE,
+                default=1.0,
+                description="prior that multiplies each model's NAN estimate",
+            ),
+            NAN_EXPONENT,
+            NAN_NORM,
+            ParameterSpec(
+                "lambda",
+                finite_float("lambda"),
+                ParameterScope.SHARED,
+                default=1.0,
+                description="scale of the merged task vector (with a base)",
+            ),
+        ),
+        contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=2, min_non_base=1),
+    )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        inputs = group.non_base
+        prior: PerInputValues[float] = parameters["weight"]
+        coefficients = group_coefficients(
+            group,
+            inputs,
+            nan_norm=parameters["nan_norm"],
+            exponent=parameters["nan_exponent"],
+            prior=prior,
+        )
+        first = inputs[0].tensor
+        scale = parameters["lambda"] if group.base is not None else 1.0
+        scaled = coefficients * scale
+        result = torch.zeros_like(first, dtype=accumulation_dtype(first.dtype))
+        for entry, coefficient in zip(inputs, scaled.unbind(0)):
+            result.addcmul_(entry.tensor, coefficient)
+        if group.base is not None:
+            # theta_b + lambda sum alpha_i (theta_i - theta_b), without forming deltas.
+            result.addcmul_(group.base.tensor, 1 - scaled.sum())
+        merged = result.to(first.dtype)
+        if not 0 <= scale <= 1 and not bool(torch.isfinite(merged).all()):
+            # Only an extrapolating lambda can leave the inputs' range.
+            raise OverflowError(
+                f"merged tensor {group.metadata.name!r} overflows {first.dtype} with "
+                f"lambda={scale}; lower lambda or merge in a wider dtype"
+            )
+        return merged
+
+
+nan_merge_method = NanMerge()

@@ -1,0 +1,62 @@
+"""Shared fixtures: tiny seeded checkpoints and a runner for the stock mergekit commands."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from mergekit_nan.tiny import write_family
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def family(tmp_path_factory) -> List[Path]:
+    """[base, ft0, ft1, ft2]: float32 tiny Llamas, task-vector scales 0.01/0.02/0.04."""
+    return write_family(tmp_path_factory.mktemp("family"), (0.01, 0.02, 0.04), seed=0)
+
+
+def mergekit_command(name: str) -> str:
+    """The console script installed next to this interpreter (the stock command)."""
+    path = Path(sys.executable).parent / name
+    found = path if path.exists() else shutil.which(name)
+    if found is None:
+        raise RuntimeError(f"{name} is not installed")
+    return str(found)
+
+
+def run_mergekit_yaml(
+    config: Dict, out: Path, *extra: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    """Write ``config`` next to ``out`` and run the stock ``mergekit-yaml`` on it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = out.parent / f"{out.name}.yml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run(
+        [mergekit_command("mergekit-yaml"), str(config_path), str(out), "--no-copy-tokenizer", *extra],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def load_model_tensors(path: Path) -> Dict[str, torch.Tensor]:
+    """All tensors of a safetensors checkpoint directory (any number of shards)."""
+    tensors: Dict[str, torch.Tensor] = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
