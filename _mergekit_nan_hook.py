@@ -53,7 +53,14 @@ class _Finder:
 
 
 def register():
-    """Register the plugin's methods now; warn instead of raising on failure."""
+    """Register the plugin's methods now; warn instead of raising on failure.
+
+    While ``mergekit_nan`` itself is being imported its ``__init__`` registers
+    once it is complete, so nothing is done here.
+    """
+    package = sys.modules.get("mergekit_nan")
+    if getattr(getattr(package, "__spec__", None), "_initializing", False):
+        return
     try:
         from mergekit_nan.registration import register_methods
 
@@ -61,7 +68,7 @@ def register():
     except Exception as error:  # a broken plugin must not break mergekit
         import warnings
 
-        warnings.warn(f"mergekit-nan: could not register merge methods: {error!r}")
+        warnings.warn(f"mergekit-nan: could not register merge methods: {error!r}", stacklevel=2)
 
 
 def install():

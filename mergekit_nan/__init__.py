@@ -7,8 +7,8 @@ composites with mergekit (the installed start-up hook does the same lazily).
 from mergekit_nan.coefficients import (
     coefficients_from_norms,
     frobenius_norms,
+    tensor_coefficients,
 )
-from mergekit_nan.coefficients import tensor_coefficients
 from mergekit_nan.method import NanMerge, nan_merge_method
 from mergekit_nan.modifier import NanCoefficients, nan_coefficients
 from mergekit_nan.registration import modifiable_methods, register_methods

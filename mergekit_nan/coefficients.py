@@ -77,11 +77,7 @@ def _norms_in(
     parts = []
     for start in range(0, numel, chunk):
         length = min(chunk, numel - start)
-        base_part = (
-            flat_base.narrow(0, start, length).to(dtype)
-            if flat_base is not None
-            else None
-        )
+        base_part = flat_base.narrow(0, start, length).to(dtype) if flat_base is not None else None
         row = []
         for flat in flats:
             part = flat.narrow(0, start, length)
@@ -126,9 +122,7 @@ def frobenius_norms(
     if bool(torch.isfinite(wide).all()):
         return wide
     bad = tuple(
-        index
-        for index, tensor in enumerate(tensors)
-        if not bool(torch.isfinite(tensor).all())
+        index for index, tensor in enumerate(tensors) if not bool(torch.isfinite(tensor).all())
     )
     bad_base = base is not None and not bool(torch.isfinite(base).all())
     if not bad and not bad_base:
@@ -148,13 +142,17 @@ def coefficients_from_norms(
 
     ``norms`` has shape ``[..., n]`` (non-negative); ``prior`` broadcasts to
     it (default all ones, non-negative). Computed in log space so extreme norms
-    or exponents neither overflow nor underflow. Zero norms get coefficient 0;
+    or exponents neither overflow nor underflow; the result has the norms'
+    accumulation dtype. Zero norms get coefficient 0;
     rows whose norms are all zero get the normalised prior. A row whose
     weighted sum is zero (all priors zero) raises ``ValueError``.
     """
     if not math.isfinite(exponent):
         raise ValueError(f"nan_exponent must be finite, got {exponent}")
-    dtype = accumulation_dtype(norms.dtype)
+    result_dtype = accumulation_dtype(norms.dtype)
+    # A handful of numbers: float64 keeps the log-space round trip exact to
+    # float32 output precision (except on backends without float64).
+    dtype = torch.float32 if norms.device.type == "mps" else torch.float64
     norms = norms.to(dtype)
     if prior is None:
         prior = torch.ones_like(norms)
@@ -175,7 +173,7 @@ def coefficients_from_norms(
     total = scores.sum(dim=-1, keepdim=True)
     if not bool((total > 0).all() & (prior >= 0).all()):
         raise ValueError("NAN priors (weight) must be non-negative and not all zero")
-    return scores / total
+    return (scores / total).to(result_dtype)
 
 
 def tensor_coefficients(
@@ -191,9 +189,7 @@ def tensor_coefficients(
     """
     norms = frobenius_norms(tensors, base)
     weights = (
-        None
-        if prior is None
-        else torch.tensor(list(prior), dtype=norms.dtype, device=norms.device)
+        None if prior is None else torch.tensor(list(prior), dtype=norms.dtype, device=norms.device)
     )
     if weights is not None and weights.shape != norms.shape:
         raise ValueError(f"expected {norms.numel()} prior weights, got {weights.numel()}")

@@ -43,8 +43,7 @@ _NAN_PARAMETERS = (NAN_EXPONENT.name, NAN_NORM.name)
 def takes_weight(method: MergeMethod) -> bool:
     """Whether ``method`` declares a per-input or per-non-base ``weight``."""
     return any(
-        p.name == "weight" and p.scope != ParameterScope.SHARED
-        for p in method.spec.parameters
+        p.name == "weight" and p.scope != ParameterScope.SHARED for p in method.spec.parameters
     )
 
 
@@ -61,14 +60,10 @@ class NanCoefficients(GroupMergeMethod):
             )
         clashes = {p.name for p in inner.spec.parameters} & set(_NAN_PARAMETERS)
         if clashes:
-            raise ValueError(
-                f"merge method {inner.spec.name!r} already declares {sorted(clashes)}"
-            )
+            raise ValueError(f"merge method {inner.spec.name!r} already declares {sorted(clashes)}")
         self.inner = inner
         parameters = tuple(
-            replace(p, value_type=Optional[p.value_type], default=None)
-            if p.name == "weight"
-            else p
+            replace(p, value_type=Optional[p.value_type], default=None) if p.name == "weight" else p
             for p in inner.spec.parameters
         )
         self.spec = MergeMethodSpec(
@@ -80,9 +75,7 @@ class NanCoefficients(GroupMergeMethod):
             optional_tensor_policy=inner.spec.optional_tensor_policy,
             uses_accelerator=inner.spec.uses_accelerator,
         )
-        self._weight_scope = next(
-            p.scope for p in inner.spec.parameters if p.name == "weight"
-        )
+        self._weight_scope = next(p.scope for p in inner.spec.parameters if p.name == "weight")
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         nan_norm = parameters.pop(NAN_NORM.name)
@@ -95,11 +88,7 @@ class NanCoefficients(GroupMergeMethod):
                     "nan_norm: weights or a base-aware method"
                 )
             nan_norm = "weights"
-        inputs = (
-            group.entries
-            if self._weight_scope == ParameterScope.INPUT
-            else group.non_base
-        )
+        inputs = group.entries if self._weight_scope == ParameterScope.INPUT else group.non_base
         user: PerInputValues[Optional[float]] = parameters["weight"]
         given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
         if given and len(given) != len(inputs):
@@ -110,12 +99,9 @@ class NanCoefficients(GroupMergeMethod):
                 "weight (it sets the total) or none"
             )
         total = sum(given) if given else 1.0
-        coefficients = group_coefficients(
-            group, inputs, nan_norm=nan_norm, exponent=exponent
-        )
+        coefficients = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent)
         parameters["weight"] = {
-            entry.id: value * total
-            for entry, value in zip(inputs, coefficients.tolist())
+            entry.id: value * total for entry, value in zip(inputs, coefficients.tolist())
         }
         (result,) = self.inner((group,), parameters=parameters)
         return result

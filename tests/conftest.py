@@ -44,7 +44,13 @@ def run_mergekit_yaml(
     config_path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     result = subprocess.run(
-        [mergekit_command("mergekit-yaml"), str(config_path), str(out), "--no-copy-tokenizer", *extra],
+        [
+            mergekit_command("mergekit-yaml"),
+            str(config_path),
+            str(out),
+            "--no-copy-tokenizer",
+            *extra,
+        ],
         capture_output=True,
         text=True,
         env=env,

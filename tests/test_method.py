@@ -1,0 +1,327 @@
+"""The ``nan`` merge method: in-memory API, stock mergekit commands, and bad input."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_model_tensors, mergekit_command, run_mergekit_yaml
+from mergekit.merge_methods import merge_state_dicts, merge_tensors
+
+import mergekit_nan  # noqa: F401  (registers the methods in this process)
+
+
+def expected_merge(tuned, base=None, *, exponent=1.0, lam=1.0, prior=None, norm="auto"):
+    """float64 NAN merge written out from the formula, independent of the plugin."""
+    tuned = [t.double() for t in tuned]
+    base = base.double() if base is not None else None
+    use_delta = base is not None and norm != "weights"
+    xs = [t - base if use_delta else t for t in tuned]
+    norms = [math.sqrt(float((x * x).sum())) for x in xs]
+    prior = prior or [1.0] * len(tuned)
+    scores = [w * n ** (-exponent) if n > 0 else 0.0 for w, n in zip(prior, norms)]
+    if sum(scores) == 0:
+        scores = list(prior)
+    alpha = [s / sum(scores) for s in scores]
+    if base is None:
+        return sum(a * t for a, t in zip(alpha, tuned))
+    return base + lam * sum(a * (t - base) for a, t in zip(alpha, tuned))
+
+
+def rel_err(actual, expected):
+    return float((actual.double() - expected).abs().max() / expected.abs().max())
+
+
+def group(seed=0, shape=(48, 24), scales=(0.01, 0.02, 0.05)):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=generator)
+    return base, [base + s * torch.randn(shape, generator=generator) for s in scales]
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {},
+        {"nan_exponent": 2.0},
+        {"nan_exponent": 0.0},
+        {"nan_exponent": -1.0},
+        {"lambda": 0.6},
+        {"lambda": 1.5, "nan_exponent": 0.5},
+        {"weight": [2.0, 1.0, 0.5]},
+        {"nan_norm": "weights"},
+        {"nan_norm": "delta", "lambda": 0.8},
+    ],
+)
+def test_merge_tensors_with_base(params):
+    base, tuned = group(1)
+    result = merge_tensors([base, *tuned], "nan", base_index=0, parameters=params)
+    expected = expected_merge(
+        tuned,
+        base,
+        exponent=params.get("nan_exponent", 1.0),
+        lam=params.get("lambda", 1.0),
+        prior=params.get("weight"),
+        norm=params.get("nan_norm", "auto"),
+    )
+    assert result.dtype == torch.float32
+    assert rel_err(result, expected) < 1e-6
+
+
+@pytest.mark.parametrize("params", [{}, {"nan_exponent": 2.0}, {"weight": [1.0, 3.0, 1.0]}])
+def test_merge_tensors_without_base(params):
+    _, tuned = group(2)
+    result = merge_tensors(tuned, "nan", parameters=params)
+    expected = expected_merge(
+        tuned, exponent=params.get("nan_exponent", 1.0), prior=params.get("weight")
+    )
+    assert rel_err(result, expected) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_merge_is_computed_in_float32(dtype):
+    base, tuned = group(3, scales=(0.01, 0.03, 0.09))
+    inputs = [t.to(dtype) for t in (base, *tuned)]
+    result = merge_tensors(inputs, "nan", base_index=0)
+    assert result.dtype == dtype
+    expected = expected_merge(inputs[1:], inputs[0])
+    assert rel_err(result, expected) < 2 * torch.finfo(dtype).eps
+
+
+def test_float64_inputs_merge_in_float64():
+    base, tuned = group(4)
+    inputs = [t.double() for t in (base, *tuned)]
+    result = merge_tensors(inputs, "nan", base_index=0)
+    assert result.dtype == torch.float64
+    assert rel_err(result, expected_merge(inputs[1:], inputs[0])) < 1e-13
+
+
+def test_zero_task_vector_gets_no_weight_and_all_zero_returns_base():
+    base, tuned = group(5)
+    tuned[0] = base.clone()
+    result = merge_tensors([base, *tuned], "nan", base_index=0)
+    assert rel_err(result, expected_merge(tuned, base)) < 1e-6
+    same = merge_tensors([base, base.clone(), base.clone()], "nan", base_index=0)
+    assert torch.equal(same, base)
+
+
+def test_merge_state_dicts_copies_non_float_buffers():
+    base, tuned = group(6)
+    steps = torch.arange(5)
+    models = {
+        name: {"w": tensor, "steps": steps.clone()}
+        for name, tensor in zip(["base", "a", "b", "c"], [base, *tuned])
+    }
+    merged = merge_state_dicts(models, "nan", base="base")
+    assert torch.equal(merged["steps"], steps)
+    assert rel_err(merged["w"], expected_merge(tuned, base)) < 1e-6
+
+
+def test_non_finite_input_names_tensor_and_model():
+    base, tuned = group(7)
+    tuned[1] = tuned[1].clone()
+    tuned[1][2, 3] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"'model\.layers\.0\.mlp\.up_proj\.weight' of model\(s\) ft1"
+    ):
+        merge_tensors(
+            [base, *tuned],
+            "nan",
+            base_index=0,
+            ids=["base", "ft0", "ft1", "ft2"],
+            name="model.layers.0.mlp.up_proj.weight",
+        )
+    poisoned = base.clone()
+    poisoned[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=r"base0 \(base\)"):
+        merge_tensors(
+            [poisoned, *tuned[::2]], "nan", base_index=0, ids=["base0", "x", "y"], name="w"
+        )
+
+
+def test_delta_without_base_is_refused():
+    _, tuned = group(8)
+    with pytest.raises(
+        ValueError, match=r"nan_norm: delta needs a base model.*'lm_head\.weight'.*a, b, c"
+    ):
+        merge_tensors(
+            tuned,
+            "nan",
+            parameters={"nan_norm": "delta"},
+            ids=["a", "b", "c"],
+            name="lm_head.weight",
+        )
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"nan_norm": "frobenius"}, "nan_norm must be one of auto, delta, weights"),
+        ({"nan_exponent": float("nan")}, "nan_exponent must be finite"),
+        ({"nan_exponent": float("inf")}, "nan_exponent must be finite"),
+        ({"lambda": float("inf")}, "lambda must be finite"),
+        ({"weight": [1.0, -1.0, 1.0]}, "weight must be non-negative"),
+        ({"weight": [0.0, 0.0, 0.0]}, "must be non-negative and not all zero"),
+    ],
+)
+def test_invalid_parameters(params, message):
+    base, tuned = group(9)
+    with pytest.raises(ValueError, match=message):
+        merge_tensors([base, *tuned], "nan", base_index=0, parameters=params, name="w")
+
+
+def test_single_input_is_refused():
+    base, _ = group(10)
+    with pytest.raises(ValueError, match="at least 2 inputs"):
+        merge_tensors([base], "nan", name="w")
+
+
+def test_integer_tensors_are_refused_with_names():
+    ints = [torch.arange(6), torch.arange(6)]
+    with pytest.raises(TypeError, match=r"'position_ids'.*model a"):
+        merge_tensors(ints, "nan", ids=["a", "b"], name="position_ids")
+
+
+def test_extrapolating_lambda_that_overflows_half_precision_is_refused():
+    base = torch.zeros(4, 4, dtype=torch.float16)
+    tuned = [torch.full((4, 4), 30000.0, dtype=torch.float16)] * 2
+    with pytest.raises(OverflowError, match=r"'w'.*float16.*lambda=4.0"):
+        merge_tensors([base, *tuned], "nan", base_index=0, parameters={"lambda": 4.0}, name="w")
+    # the same inputs within the convex range merge fine
+    ok = merge_tensors([base, *tuned], "nan", base_index=0, parameters={"lambda": 1.0})
+    assert torch.equal(ok, tuned[0])
+
+
+# --- the stock commands -------------------------------------------------------------------
+
+
+def check_model_dir(out: Path, inputs, base=None, **formula):
+    """Every tensor of the merged checkpoint against the float64 formula."""
+    merged = load_model_tensors(out)
+    loaded = [load_model_tensors(p) for p in inputs]
+    base_tensors = load_model_tensors(base) if base is not None else None
+    assert set(merged) == set(loaded[0])
+    worst = 0.0
+    for name, tensor in merged.items():
+        expected = expected_merge(
+            [m[name] for m in loaded], base_tensors[name] if base_tensors else None, **formula
+        )
+        worst = max(worst, rel_err(tensor, expected))
+    assert worst < 1e-6, worst
+    return worst
+
+
+def test_mergekit_yaml_with_base(family, tmp_path):
+    base, *tuned = family
+    config = {
+        "merge_method": "nan",
+        "base_model": str(base),
+        "models": [{"model": str(p)} for p in tuned],
+        "dtype": "float32",
+    }
+    out = tmp_path / "merged"
+    run_mergekit_yaml(config, out)
+    check_model_dir(out, tuned, base)
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(out)
+    logits = model(torch.tensor([[1, 2, 3]])).logits
+    assert torch.isfinite(logits).all()
+    card = (out / "README.md").read_text()
+    assert "[NAN](https://arxiv.org/abs/2505.16148)" in card
+
+
+def test_mergekit_yaml_without_base(family, tmp_path):
+    _, *tuned = family
+    config = {
+        "merge_method": "nan",
+        "models": [{"model": str(p)} for p in tuned],
+        "dtype": "float32",
+    }
+    out = tmp_path / "merged"
+    run_mergekit_yaml(config, out)
+    check_model_dir(out, tuned)
+
+
+def test_mergekit_yaml_parameters(family, tmp_path):
+    base, *tuned = family
+    priors = [1.0, 2.0, 0.5]
+    config = {
+        "merge_method": "nan",
+        "base_model": str(base),
+        "models": [{"model": str(p), "parameters": {"weight": w}} for p, w in zip(tuned, priors)],
+        "parameters": {"nan_exponent": 2.0, "lambda": 0.7},
+        "dtype": "float32",
+    }
+    out = tmp_path / "merged"
+    run_mergekit_yaml(config, out)
+    check_model_dir(out, tuned, base, exponent=2.0, lam=0.7, prior=priors)
+
+
+def test_mergekit_yaml_rejects_bad_parameters_before_writing(family, tmp_path):
+    base, *tuned = family
+    config = {
+        "merge_method": "nan",
+        "base_model": str(base),
+        "models": [{"model": str(p)} for p in tuned],
+        "parameters": {"nan_norm": "frobenius"},
+    }
+    out = tmp_path / "merged"
+    result = run_mergekit_yaml(config, out, check=False)
+    assert result.returncode != 0
+    assert "nan_norm must be one of auto, delta, weights" in result.stderr
+    assert not any(out.glob("*.safetensors"))
+
+
+def test_mergekit_yaml_delta_without_base_fails_clearly(family, tmp_path):
+    _, *tuned = family
+    config = {
+        "merge_method": "nan",
+        "models": [{"model": str(p)} for p in tuned],
+        "parameters": {"nan_norm": "delta"},
+    }
+    out = tmp_path / "merged"
+    result = run_mergekit_yaml(config, out, check=False)
+    assert result.returncode != 0
+    assert "nan_norm: delta needs a base model" in result.stderr
+    assert str(tuned[0]) in result.stderr
+    assert not (out / "config.json").exists()
+
+
+def test_mergekit_pytorch_knows_nan(family, tmp_path):
+    base, *tuned = family
+    config = tmp_path / "raw.yml"
+    config.write_text(
+        "merge_method: nan\n"
+        f"base_model: {base / 'model.safetensors'}\n"
+        "models:\n" + "".join(f"  - model: {p / 'model.safetensors'}\n" for p in tuned)
+    )
+    out = tmp_path / "raw_out"
+    subprocess.run([mergekit_command("mergekit-pytorch"), str(config), str(out)], check=True)
+    check_model_dir(out, tuned, base)
+
+
+def test_mergekit_multi_knows_nan(family, tmp_path):
+    base, *tuned = family
+    config = tmp_path / "multi.yml"
+    config.write_text(
+        "name: merged\nmerge_method: nan\n"
+        f"base_model: {base}\n"
+        "dtype: float32\n"
+        "models:\n" + "".join(f"  - model: {p}\n" for p in tuned)
+    )
+    out = tmp_path / "multi_out"
+    subprocess.run(
+        [
+            mergekit_command("mergekit-multi"),
+            str(config),
+            "--intermediate-dir",
+            str(out),
+            "--no-copy-tokenizer",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    check_model_dir(out / "merged", tuned, base)
