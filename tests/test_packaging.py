@@ -1,0 +1,92 @@
+"""The built wheel in a fresh virtual environment: the stock mergekit-yaml finds ``nan``.
+
+Slow (it installs the wheel and its dependencies from the package index into a
+new environment); CI runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import venv
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(*args, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(
+        [str(a) for a in args], capture_output=True, text=True, env=env, **kwargs
+    )
+    assert result.returncode == 0, f"{args}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", out, REPO)
+    (built,) = out.glob("mergekit_nan-*.whl")
+    return built
+
+
+@pytest.fixture(scope="module")
+def fresh_env(wheel, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("venv") / "env"
+    venv.EnvBuilder(with_pip=True, clear=True).create(root)
+    python = root / "bin" / "python"
+    # the torch build of the running interpreter, so no other build is downloaded
+    run(python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}")
+    run(python, "-m", "pip", "install", "-q", wheel)
+    return root
+
+
+def test_wheel_places_the_start_up_hook_at_its_root(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"mergekit_nan.pth", "mergekit_nan.start", "_mergekit_nan_hook.py"} <= names
+    assert "mergekit_nan/py.typed" in names
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read("mergekit_nan.pth").decode().startswith("import _mergekit_nan_hook;")
+        assert archive.read("mergekit_nan.start").decode().strip() == "_mergekit_nan_hook:install"
+
+
+@pytest.mark.slow
+def test_fresh_environment_start_up_imports_no_torch(fresh_env):
+    result = run(fresh_env / "bin" / "python", "-X", "importtime", "-c", "pass")
+    modules = [line.rsplit("|", 1)[-1].strip() for line in result.stderr.splitlines()]
+    assert "_mergekit_nan_hook" in modules
+    assert not [m for m in modules if m.split(".")[0] in {"torch", "mergekit", "mergekit_nan"}]
+
+
+@pytest.mark.slow
+def test_fresh_environment_stock_mergekit_yaml_runs_nan(fresh_env, family, tmp_path):
+    base, *tuned = family
+    config = tmp_path / "nan.yml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "nan",
+                "base_model": str(base),
+                "models": [{"model": str(p)} for p in tuned],
+                "dtype": "float32",
+            }
+        )
+    )
+    out = tmp_path / "out"
+    run(fresh_env / "bin" / "mergekit-yaml", config, out, "--no-copy-tokenizer", cwd=tmp_path)
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+    where = run(
+        fresh_env / "bin" / "python",
+        "-c",
+        "import mergekit_nan, mergekit.merge_methods as m; print(mergekit_nan.__file__, m.get('nan'))",
+        cwd=tmp_path,
+    )
+    assert str(fresh_env) in where.stdout
