@@ -8,10 +8,10 @@ import subprocess
 import sys
 import warnings
 
-import _mergekit_nan_hook as hook
 import pytest
 from mergekit.merge_methods import registry
 
+import _mergekit_nan_hook as hook
 from mergekit_nan.registration import register_methods
 
 
@@ -38,7 +38,7 @@ def test_start_up_imports_only_the_hook():
     modules = imported_modules(result.stderr)
     assert "_mergekit_nan_hook" in modules, "the .pth start-up hook did not run"
     assert not [m for m in modules if m.split(".")[0] in {"torch", "mergekit", "mergekit_nan"}]
-    line = next(l for l in result.stderr.splitlines() if l.endswith("_mergekit_nan_hook"))
+    line = next(x for x in result.stderr.splitlines() if x.endswith("_mergekit_nan_hook"))
     cumulative_us = int(re.split(r"\s*\|\s*", line.split(":", 1)[1].strip())[1])
     assert cumulative_us < 30_000
 
