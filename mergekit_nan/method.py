@@ -15,7 +15,7 @@ float32 (float64 for float64 inputs) on the inputs' device.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from mergekit.merge_methods.base import (
@@ -26,10 +26,11 @@ from mergekit.merge_methods.base import (
     ParameterScope,
     ParameterSpec,
     PerInputValues,
+    TensorEntry,
     TensorGroup,
 )
 
-from mergekit_nan.coefficients import accumulation_dtype
+from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, accumulation_dtype
 from mergekit_nan.group import group_coefficients
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, finite_float
 
@@ -78,13 +79,14 @@ class NanMerge(GroupMergeMethod):
         )
         first = inputs[0].tensor
         scale = parameters["lambda"] if group.base is not None else 1.0
-        scaled = coefficients * scale
-        result = torch.zeros_like(first, dtype=accumulation_dtype(first.dtype))
-        for entry, coefficient in zip(inputs, scaled.unbind(0)):
-            result.addcmul_(entry.tensor, coefficient)
-        if group.base is not None:
-            # theta_b + lambda sum alpha_i (theta_i - theta_b), without forming deltas.
-            result.addcmul_(group.base.tensor, 1 - scaled.sum())
+        scaled = [scale * c for c in coefficients.tolist()]
+        dtype = accumulation_dtype(first.dtype)
+        if group.base is None:
+            result = torch.zeros_like(first, dtype=dtype)
+            for entry, coefficient in zip(inputs, scaled):
+                result.add_(entry.tensor, alpha=coefficient)
+        else:
+            result = _add_task_vectors(group.base.tensor, inputs, scaled, dtype)
         merged = result.to(first.dtype)
         if not 0 <= scale <= 1 and not bool(torch.isfinite(merged).all()):
             # Only an extrapolating lambda can leave the inputs' range.
@@ -93,6 +95,36 @@ class NanMerge(GroupMergeMethod):
                 f"lambda={scale}; lower lambda or merge in a wider dtype"
             )
         return merged
+
+
+def _add_task_vectors(
+    base: torch.Tensor,
+    inputs: Sequence[TensorEntry],
+    coefficients: Sequence[float],
+    dtype: torch.dtype,
+    chunk: int = NORM_CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """theta_b + sum_i c_i (theta_i - theta_b) in ``dtype``, chunk by chunk.
+
+    Differences are formed in ``dtype``, so a zero task vector adds exactly
+    nothing (unchanged tensors stay bit-identical) and small ones do not
+    cancel; temporaries never exceed ``chunk`` elements.
+    """
+    result = torch.empty(base.shape, dtype=dtype, device=base.device)
+    result.copy_(base)
+    flat = result.view(-1)
+    flat_inputs = [
+        (entry.tensor.reshape(-1), c) for entry, c in zip(inputs, coefficients) if c != 0
+    ]
+    if not flat_inputs:
+        return result
+    for start in range(0, flat.numel(), chunk):
+        length = min(chunk, flat.numel() - start)
+        out = flat.narrow(0, start, length)
+        base_part = out.clone()  # theta_b in ``dtype``, before any update
+        for tensor, coefficient in flat_inputs:
+            out.add_(torch.sub(tensor.narrow(0, start, length), base_part), alpha=coefficient)
+    return result
 
 
 nan_merge_method = NanMerge()
