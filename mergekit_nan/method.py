@@ -23,6 +23,7 @@ from mergekit.merge_methods.base import (
     GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
+    OptionalTensorPolicy,
     ParameterScope,
     ParameterSpec,
     PerInputValues,
@@ -65,6 +66,8 @@ class NanMerge(GroupMergeMethod):
             ),
         ),
         contract=InputContract(base=BasePolicy.OPTIONAL, min_inputs=2, min_non_base=1),
+        # An optional weight (e.g. an untied lm_head) that only one input has is copied.
+        optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_SINGLETON,
     )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
