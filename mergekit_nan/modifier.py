@@ -89,6 +89,11 @@ class NanCoefficients(GroupMergeMethod):
                 )
             nan_norm = "weights"
         inputs = group.entries if self._weight_scope == ParameterScope.INPUT else group.non_base
+        if not inputs:
+            # Only a base (an optional tensor the others lack): nothing to weigh,
+            # the inner method decides (the task-arithmetic family returns the base).
+            (result,) = self.inner((group,), parameters=parameters)
+            return result
         user: PerInputValues[Optional[float]] = parameters["weight"]
         given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
         if given and len(given) != len(inputs):

@@ -1,0 +1,478 @@
+"""``<method>+nan``: the stock method, given NAN weights computed independently here.
+
+Every expected value comes from the stock method (mergekit's ``merge_state_dicts`` /
+``merge_tensors``) fed with per-tensor weights from :func:`nan_weights`, a float64
+computation written out in this file. The composite computes its coefficients in
+float32 (inputs are float32), so the only admissible difference is that rounding.
+Each comparison prints its max relative error (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+import torch
+from conftest import load_model_tensors, run_mergekit_yaml
+from mergekit.merge_methods import (
+    BasePolicy,
+    InputContract,
+    PerGroupValues,
+    PerNonBase,
+    TensorGroup,
+    get,
+    merge_method,
+    merge_state_dicts,
+    merge_tensors,
+)
+
+from mergekit_nan import modifiable_methods, nan_coefficients
+from mergekit_nan.tiny import tiny_llama_config, write_family
+
+MODELS = ("a", "b", "c")
+TOLERANCE = 2e-6
+"""Max relative error allowed: float32 rounding of the coefficients, nothing more."""
+
+
+def nan_weights(
+    tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], total: float = 1.0
+) -> List[float]:
+    """total * ||x_i||^-1 / sum_j ||x_j||^-1 in float64; zero task vectors get 0."""
+    inverse = []
+    for tensor in tensors:
+        x = tensor.double() - (base.double() if base is not None else 0.0)
+        norm = math.sqrt(float((x * x).sum()))
+        inverse.append(1.0 / norm if norm > 0 else 0.0)
+    return [total * value / sum(inverse) for value in inverse]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def report(label: str, error: float, record_property) -> None:
+    record_property("max_relative_error", error)
+    print(f"\n  max relative error, {label}: {error:.2e}")
+
+
+def state_dicts(seed: int) -> Dict[str, Dict[str, torch.Tensor]]:
+    """A base and three fine-tunes; task-vector sizes differ per model *and* per tensor."""
+    generator = torch.Generator().manual_seed(seed)
+    shapes = {"blk.attn.w": (48, 32), "blk.mlp.w": (32, 80), "blk.norm": (32,)}
+    base = {name: torch.randn(shape, generator=generator) for name, shape in shapes.items()}
+    models = {"base": base}
+    for model in MODELS:
+        models[model] = {
+            name: tensor
+            + float(torch.empty(()).uniform_(0.005, 0.08, generator=generator))
+            * torch.randn(tensor.shape, generator=generator)
+            for name, tensor in base.items()
+        }
+    return models
+
+
+EQUIVALENCE = [
+    ("linear", {}),
+    ("linear", {"weight": [0.2, 0.3, 0.5]}),
+    ("linear", {"weight": [1.0, 1.0, 1.0], "normalize": False}),
+    ("task_arithmetic", {}),
+    ("task_arithmetic", {"weight": [1.0, 1.0, 1.0], "lambda": 0.7}),
+    ("ties", {"density": 0.5}),
+    ("ties", {"density": [0.3, 0.5, 0.7], "weight": [0.5, 0.3, 0.2], "int8_mask": True}),
+    ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05}),
+    ("dare_ties", {"density": 0.5}),
+    ("dare_ties", {"density": 0.4, "weight": [0.6, 0.6, 0.6], "rescale": False}),
+    ("dare_linear", {"density": 0.7, "weight": [2.0, 1.0, 1.0]}),
+    ("della", {"density": 0.6, "epsilon": 0.1}),
+    ("della", {"density": 0.5, "epsilon": 0.2, "lambda": 1.1, "weight": [1.0, 1.0, 1.0]}),
+    ("della_linear", {"density": 0.6, "epsilon": 0.1}),
+    ("multislerp", {}),
+]
+
+
+@pytest.mark.parametrize(
+    "method, parameters", EQUIVALENCE, ids=[f"{m}-{i}" for i, (m, _) in enumerate(EQUIVALENCE)]
+)
+def test_composite_equals_stock_method_with_nan_weights(method, parameters, record_property):
+    models = state_dicts(seed=len(method) + len(parameters))
+    base_aware = get(method).spec.contract.base != BasePolicy.IGNORED
+    if not base_aware:
+        del models["base"]
+    names = list(models[MODELS[0]])
+    total = sum(parameters["weight"]) if "weight" in parameters else 1.0
+    per_tensor = PerGroupValues(
+        [
+            dict(
+                zip(
+                    MODELS,
+                    nan_weights(
+                        [models[m][name] for m in MODELS],
+                        models["base"][name] if base_aware else None,
+                        total,
+                    ),
+                )
+            )
+            for name in names
+        ]
+    )
+    base = "base" if base_aware else None
+
+    torch.manual_seed(1234)
+    expected = merge_state_dicts(
+        models, method, base=base, parameters={**parameters, "weight": per_tensor}
+    )
+    torch.manual_seed(1234)
+    actual = merge_state_dicts(models, f"{method}+nan", base=base, parameters=parameters)
+
+    error = max(relative_error(actual[name], expected[name]) for name in names)
+    report(f"{method}+nan {parameters}", error, record_property)
+    assert error < TOLERANCE
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_random_methods_draw_what_the_stock_method_draws(method, record_property):
+    """Same seed: same masks. A different seed would differ grossly (the check can fail)."""
+    models = state_dicts(seed=11)
+    names = list(models["base"])
+    weights = PerGroupValues(
+        [
+            dict(zip(MODELS, nan_weights([models[m][n] for m in MODELS], models["base"][n])))
+            for n in names
+        ]
+    )
+    parameters = {"density": 0.3}
+
+    def stock(seed: int) -> Dict[str, torch.Tensor]:
+        torch.manual_seed(seed)
+        return merge_state_dicts(
+            models, method, base="base", parameters={**parameters, "weight": weights}
+        )
+
+    torch.manual_seed(5)
+    composite = merge_state_dicts(models, f"{method}+nan", base="base", parameters=parameters)
+    same, other = stock(5), stock(6)
+    for name in names:
+        kept = composite[name] != models["base"][name]
+        assert torch.equal(kept, same[name] != models["base"][name]), name
+        assert not torch.equal(kept, other[name] != models["base"][name]), name
+    error = max(relative_error(composite[n], same[n]) for n in names)
+    report(f"{method}+nan, seeded masks", error, record_property)
+    assert error < TOLERANCE
+
+
+def test_nuslerp_takes_the_nan_ratio(record_property):
+    models = state_dicts(seed=3)
+    pair = {key: models[key] for key in ("base", "a", "b")}
+    name = "blk.mlp.w"
+    weights = nan_weights([pair["a"][name], pair["b"][name]], pair["base"][name])
+    tensors = [pair[k][name] for k in ("base", "a", "b")]
+    expected = merge_tensors(tensors, "nuslerp", base_index=0, parameters={"weight": weights})
+    actual = merge_tensors(tensors, "nuslerp+nan", base_index=0)
+    error = relative_error(actual, expected)
+    report("nuslerp+nan", error, record_property)
+    assert error < TOLERANCE
+
+
+def test_scale_rule_worked_example():
+    """Task vectors of norms 1 and 3 with weight 1.0 each: weights 1.5 and 0.5."""
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(16, 16, dtype=torch.float64, generator=generator)
+    directions = [torch.randn(16, 16, dtype=torch.float64, generator=generator) for _ in "ab"]
+    deltas = [
+        1.0 * directions[0] / directions[0].norm(),
+        3.0 * directions[1] / directions[1].norm(),
+    ]
+    tuned = [base + d for d in deltas]
+    assert nan_weights(tuned, base, total=2.0) == pytest.approx([1.5, 0.5], rel=1e-12)
+
+    given = merge_tensors(
+        [base, *tuned], "task_arithmetic+nan", base_index=0, parameters={"weight": [1.0, 1.0]}
+    )
+    torch.testing.assert_close(given, base + 1.5 * deltas[0] + 0.5 * deltas[1])
+    omitted = merge_tensors([base, *tuned], "task_arithmetic+nan", base_index=0)
+    torch.testing.assert_close(omitted, base + 0.75 * deltas[0] + 0.25 * deltas[1])
+
+
+def test_only_a_base_tensor_passes_through_like_the_stock_method():
+    """A tensor only the base has (optional weights) is the base, as with the stock method."""
+    base = torch.randn(8, 8)
+    stock = merge_tensors([base], "task_arithmetic", base_index=0, name="extra")
+    assert torch.equal(stock, base)
+    assert torch.equal(merge_tensors([base], "task_arithmetic+nan", base_index=0), stock)
+
+
+def test_a_weight_on_some_models_only_is_refused_naming_tensor_and_models():
+    models = state_dicts(seed=5)
+    with pytest.raises(
+        ValueError, match=r"tensor 'blk\.attn\.w' has a weight for some .* not for c"
+    ):
+        merge_state_dicts(
+            models,
+            "ties+nan",
+            base="base",
+            parameters={"density": 0.5, "weight": {"a": 1.0, "b": 1.0, "c": None}},
+        )
+
+
+def test_non_finite_input_is_refused_naming_tensor_and_model():
+    models = state_dicts(seed=6)
+    models["b"]["blk.mlp.w"][3, 4] = float("nan")
+    with pytest.raises(
+        ValueError, match=r"NaN or Inf values in tensor 'blk\.mlp\.w' of model\(s\) b"
+    ):
+        merge_state_dicts(models, "dare_ties+nan", base="base", parameters={"density": 0.5})
+
+
+def test_base_ignoring_method_has_no_delta_reading():
+    models = state_dicts(seed=7)
+    del models["base"]
+    with pytest.raises(ValueError, match=r"linear ignores the base model.*'blk\.attn\.w'"):
+        merge_state_dicts(models, "linear+nan", parameters={"nan_norm": "delta"})
+
+
+def test_inner_contract_and_validation_are_kept():
+    models = state_dicts(seed=8)
+    without_base = {k: v for k, v in models.items() if k != "base"}
+    with pytest.raises(ValueError, match="requires a base input"):
+        merge_state_dicts(without_base, "ties+nan", parameters={"density": 0.5})
+    with pytest.raises(TypeError, match="Unknown parameter.*t"):
+        merge_state_dicts(models, "ties+nan", base="base", parameters={"t": 0.5})
+    with pytest.raises(ValueError, match="nan_norm must be one of"):
+        merge_state_dicts(models, "ties+nan", base="base", parameters={"nan_norm": "both"})
+
+
+def test_composite_spec_is_the_inner_spec_plus_nan_parameters():
+    for name in modifiable_methods():
+        inner, composite = get(name).spec, get(f"{name}+nan").spec
+        assert composite.contract == inner.contract
+        assert composite.optional_tensor_policy == inner.optional_tensor_policy
+        inner_parameters = {p.name: p for p in inner.parameters}
+        added = [p for p in composite.parameters if p.name not in inner_parameters]
+        assert [p.name for p in added] == ["nan_exponent", "nan_norm"]
+        for parameter in composite.parameters:
+            if parameter.name == "weight":
+                assert parameter.default is None and not parameter.required
+                assert parameter.scope == inner_parameters["weight"].scope
+                assert parameter.validate(None) is None
+            elif parameter.name in inner_parameters:
+                assert parameter == inner_parameters[parameter.name]
+        assert composite.pretty_name == f"{inner.pretty_name or name} with NAN coefficients"
+        assert composite.reference_url == "https://arxiv.org/abs/2505.16148"
+
+
+def test_composites_exist_for_every_weight_taking_method():
+    expected = {
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "nuslerp",
+        "multislerp",
+    }
+    assert set(modifiable_methods()) == expected
+    for name in expected:
+        assert get(f"{name}+nan").spec.name == f"{name}+nan"
+
+
+def test_wrapping_refuses_what_it_cannot_modify():
+    with pytest.raises(ValueError, match="'slerp' has no per-model weight"):
+        nan_coefficients(get("slerp"))
+    with pytest.raises(ValueError, match="already uses NAN coefficients"):
+        nan_coefficients(get("ties+nan"))
+    with pytest.raises(RuntimeError, match=r"'slerp' declares no per-model weight") as error:
+        get("slerp+nan")
+    for name in modifiable_methods():
+        assert f"{name}+nan" in str(error.value)
+
+
+def test_a_method_from_another_package_can_be_wrapped():
+    """A base-aware method defined outside mergekit, wrapped by the public function."""
+
+    @merge_method(name="shifted_sum", contract=InputContract(base=BasePolicy.REQUIRED))
+    def shifted_sum(
+        group: TensorGroup, weight: PerNonBase[float], shift: float = 0.0
+    ) -> torch.Tensor:
+        base = group.base.tensor
+        return base + shift + sum(weight[e.id] * (e.tensor - base) for e in group.non_base)
+
+    composite = nan_coefficients(shifted_sum)
+    assert composite.spec.name == "shifted_sum+nan"
+    models = state_dicts(seed=9)
+    name = "blk.attn.w"
+    tensors = [models[k][name] for k in ("base", *MODELS)]
+    weights = nan_weights(tensors[1:], tensors[0], total=3.0)
+    expected = tensors[0] + 0.5 + sum(w * (t - tensors[0]) for w, t in zip(weights, tensors[1:]))
+    actual = merge_tensors(
+        tensors, composite, base_index=0, parameters={"weight": [1.0, 1.0, 1.0], "shift": 0.5}
+    )
+    assert relative_error(actual, expected) < TOLERANCE
+
+
+# --- through the stock mergekit-yaml -----------------------------------------------------
+
+SLICES = ((1, 4), (0, 1))
+"""Output layers 0..2 are input layers 1..3, output layer 3 is input layer 0."""
+GRADIENTS = {0: [1.0, 0.5], 1: [0.25, 1.0]}
+"""Weight of ft1 per slice (the others have 1.0): t = 0, 0.5, 1 in slice 0; t = 1 in slice 1."""
+DENSITY = [{"filter": "self_attn", "value": 0.4}, {"filter": "mlp", "value": 0.8}, {"value": 0.6}]
+
+
+@pytest.fixture(scope="module")
+def deep_family(tmp_path_factory):
+    """[base, ft0, ft1, ft2], four layers so that slices can reorder and drop layers."""
+    config = tiny_llama_config(num_hidden_layers=4)
+    return write_family(tmp_path_factory.mktemp("deep"), (0.01, 0.02, 0.04), seed=4, config=config)
+
+
+def source_of(output_name: str) -> tuple:
+    """(input tensor name, slice index, t) for an output tensor of the sliced recipe."""
+    if ".layers." not in output_name:
+        # embeddings come with the first slice, final norm and head with the last; t = 0
+        return output_name, 0 if "embed" in output_name else len(SLICES) - 1, 0.0
+    prefix, rest = output_name.split(".layers.", 1)
+    index, suffix = rest.split(".", 1)
+    position = int(index)
+    for slice_index, (start, end) in enumerate(SLICES):
+        if position < end - start:
+            t = position / (end - start - 1) if end - start > 1 else 1.0
+            return f"{prefix}.layers.{start + position}.{suffix}", slice_index, t
+        position -= end - start
+    raise AssertionError(output_name)
+
+
+def gradient_value(values: List[float], t: float) -> float:
+    scaled = t * (len(values) - 1)
+    low = min(int(scaled), len(values) - 2)
+    return values[low] + (scaled - low) * (values[low + 1] - values[low])
+
+
+def density_of(name: str) -> float:
+    return 0.4 if "self_attn" in name else 0.8 if "mlp" in name else 0.6
+
+
+def sliced_recipe(method: str, paths, weights) -> dict:
+    """``weights[slice][model]`` is the ``weight`` setting of that source."""
+    base, *tuned = paths
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "slices": [
+            {
+                "sources": [{"model": str(base), "layer_range": [start, end]}]
+                + [
+                    {
+                        "model": str(p),
+                        "layer_range": [start, end],
+                        "parameters": {"weight": weights[s][m]},
+                    }
+                    for m, p in enumerate(tuned)
+                ]
+            }
+            for s, (start, end) in enumerate(SLICES)
+        ],
+        "parameters": {"density": DENSITY},
+        "dtype": "float32",
+    }
+
+
+NAN_WEIGHTS = {s: [1.0, gradient, 1.0] for s, gradient in GRADIENTS.items()}
+
+
+def expected_inputs(paths):
+    base, *tuned = (load_model_tensors(p) for p in paths)
+    return base, tuned
+
+
+def test_mergekit_yaml_ties_with_slices_filters_and_gradient(
+    deep_family, tmp_path, record_property
+):
+    out = tmp_path / "ties_nan"
+    run_mergekit_yaml(sliced_recipe("ties+nan", deep_family, NAN_WEIGHTS), out)
+    merged = load_model_tensors(out)
+    base, tuned = expected_inputs(deep_family)
+    assert len({n.split(".layers.")[1].split(".")[0] for n in merged if ".layers." in n}) == 4
+
+    errors = {}
+    for name, tensor in merged.items():
+        source, slice_index, t = source_of(name)
+        total = 2.0 + gradient_value(GRADIENTS[slice_index], t)
+        weights = nan_weights([m[source] for m in tuned], base[source], total)
+        expected = merge_tensors(
+            [base[source], *(m[source] for m in tuned)],
+            "ties",
+            base_index=0,
+            parameters={"weight": weights, "density": density_of(source)},
+        )
+        errors[name] = relative_error(tensor, expected)
+    error = max(errors.values())
+    report("mergekit-yaml ties+nan (slices, filter, gradient)", error, record_property)
+    assert error < TOLERANCE, max(errors, key=errors.get)
+    card = (out / "README.md").read_text()
+    assert "[TIES with NAN coefficients](https://arxiv.org/abs/2505.16148)" in card
+
+
+def frozen_nan_weights(paths) -> Dict[int, List[list]]:
+    """Stock ``weight`` settings: one filter per input tensor, NAN value precomputed here."""
+    base, tuned = expected_inputs(paths)
+    names = sorted(base)
+    # a filter matches by substring: no tensor name may contain another
+    assert not [a for a in names for b in names if a != b and a in b]
+    settings = {s: [[] for _ in tuned] for s in range(len(SLICES))}
+    for output_name in names:
+        source, slice_index, t = source_of(output_name)
+        total = 2.0 + gradient_value(GRADIENTS[slice_index], t)
+        weights = nan_weights([m[source] for m in tuned], base[source], total)
+        for column, value in zip(settings[slice_index], weights):
+            column.append({"filter": source, "value": value})
+    return settings
+
+
+def test_mergekit_yaml_dare_ties_draws_like_stock_dare_ties(deep_family, tmp_path, record_property):
+    """Same --random-seed: the composite equals stock dare_ties given the NAN weights."""
+    composite, stock = tmp_path / "dare_ties_nan", tmp_path / "dare_ties"
+    run_mergekit_yaml(
+        sliced_recipe("dare_ties+nan", deep_family, NAN_WEIGHTS), composite, "--random-seed", "17"
+    )
+    run_mergekit_yaml(
+        sliced_recipe("dare_ties", deep_family, frozen_nan_weights(deep_family)),
+        stock,
+        "--random-seed",
+        "17",
+    )
+    merged, expected = load_model_tensors(composite), load_model_tensors(stock)
+    assert set(merged) == set(expected)
+    base = load_model_tensors(deep_family[0])
+    for name, tensor in merged.items():
+        source = source_of(name)[0]
+        # identical DARE masks: exactly the same entries moved away from the base
+        assert torch.equal(tensor != base[source], expected[name] != base[source]), name
+    error = max(relative_error(merged[n], expected[n]) for n in merged)
+    report("mergekit-yaml dare_ties+nan vs stock dare_ties", error, record_property)
+    assert error < TOLERANCE
+
+
+def test_mergekit_yaml_refuses_an_unknown_composite(family, tmp_path):
+    base, *tuned = family
+    out = tmp_path / "merged"
+    result = run_mergekit_yaml(
+        {
+            "merge_method": "slerp+nan",
+            "base_model": str(base),
+            "models": [{"model": str(p)} for p in tuned[:1]],
+            "parameters": {"t": 0.5},
+        },
+        out,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "Unknown merge method 'slerp+nan': 'slerp' declares no per-model weight" in result.stderr
+    for name in modifiable_methods():
+        assert f"{name}+nan" in result.stderr
+    assert not out.exists()
