@@ -1,0 +1,192 @@
+"""``mergekit-nan``: inspect, plot and freeze NAN coefficients; run the demo.
+
+Errors end the command with one line on stderr and exit status 1, before any
+output file is touched (``-v`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional
+
+import click
+
+__all__ = ["main"]
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    if isinstance(error, (FileNotFoundError, IsADirectoryError)) and error.filename:
+        text = f"{error.strerror or 'not found'}: {error.filename}"
+    return text
+
+
+def _reported(command: Callable) -> Callable:
+    """Turn exceptions into ``Error: <one line>`` (tracebacks with ``-v``)."""
+
+    @functools.wraps(command)
+    def run(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (click.ClickException, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            if kwargs.get("verbose"):
+                raise
+            raise click.ClickException(_one_line(error)) from None
+
+    return run
+
+
+def _mergekit_options(command: Callable) -> Callable:
+    """The mergekit options that matter for reading models and computing norms."""
+    options = [
+        click.option(
+            "--granularity",
+            type=click.Choice(["tensor", "model"]),
+            default="tensor",
+            show_default=True,
+            help="tensor: the coefficients the merge uses; model: one per model "
+            "from whole-checkpoint norms",
+        ),
+        click.option("--device", default=None, help="Compute norms on this device (e.g. cuda:0)"),
+        click.option("--cuda", is_flag=True, help="Compute norms on the GPU (--device cuda)"),
+        click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
+        click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
+        click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
+        click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures"),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar"),
+        click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _merge_options(arguments: Dict[str, Any]):
+    from mergekit.options import MergeOptions
+
+    logging.basicConfig(level=logging.INFO if arguments["verbose"] else logging.WARNING)
+    return MergeOptions(
+        device=arguments["device"],
+        cuda=arguments["cuda"],
+        lora_merge_cache=arguments["lora_merge_cache"],
+        transformers_cache=arguments["transformers_cache"],
+        trust_remote_code=arguments["trust_remote_code"],
+        allow_crimes=arguments["allow_crimes"],
+        quiet=arguments["quiet"],
+    )
+
+
+def _check_writable(*paths: Optional[str]) -> None:
+    for path in paths:
+        if path is None:
+            continue
+        directory = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(directory):
+            raise FileNotFoundError(f"no such directory for output {path}: {directory}")
+        if os.path.isdir(path):
+            raise IsADirectoryError(f"output {path} is a directory")
+
+
+def _inspect(config_file: str, arguments: Dict[str, Any]):
+    from mergekit_nan.inspect import inspect_recipe, load_recipe
+
+    config = load_recipe(config_file)
+    return inspect_recipe(
+        config, granularity=arguments["granularity"], options=_merge_options(arguments)
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """NAN merge coefficients (arXiv 2505.16148): see them, plot them, freeze them."""
+
+
+@main.command("inspect")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--all", "all_tensors", is_flag=True, help="One row per tensor, not per layer")
+@click.option("--json", "json_file", default=None, help="Write every coefficient to this JSON file")
+@click.option("--csv", "csv_file", default=None, help="Write every coefficient to this CSV file")
+@click.option("--plot", "plot_file", default=None, help="Write a heatmap PNG (needs matplotlib)")
+@_mergekit_options
+@_reported
+def inspect_command(
+    config_file: str,
+    all_tensors: bool,
+    json_file: Optional[str],
+    csv_file: Optional[str],
+    plot_file: Optional[str],
+    **arguments: Any,
+) -> None:
+    """Show the NAN coefficients the merge of CONFIG_FILE would use, without merging.
+
+    Reads one tensor per input model at a time. For nan the table shows
+    alpha_i (lambda scales the merged task vector); for <method>+nan the
+    weight values handed to <method>.
+    """
+    from mergekit_nan import report
+
+    _check_writable(json_file, csv_file, plot_file)
+    if plot_file:
+        report.require_matplotlib()
+    inspection = _inspect(config_file, arguments)
+    outputs: Dict[str, Callable[[str], None]] = {}
+    if json_file:
+        outputs[json_file] = lambda path: report.write_json(path, inspection)
+    if csv_file:
+        outputs[csv_file] = lambda path: report.write_csv(path, inspection)
+    if plot_file:
+        outputs[plot_file] = lambda path: report.write_heatmap(path, inspection)
+    report.write_files(outputs)
+    click.echo(report.format_table(inspection, all_tensors=all_tensors))
+    for path in outputs:
+        click.echo(f"Wrote {path}")
+
+
+@main.command("freeze")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--output", "-o", required=True, help="Where to write the stock recipe (YAML)")
+@_mergekit_options
+@_reported
+def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
+    """Write a stock mergekit recipe whose weights are CONFIG_FILE's NAN coefficients.
+
+    The frozen recipe runs on plain mergekit (no plugin): per tensor weights
+    through conditional filters at --granularity tensor, one weight per model
+    at --granularity model.
+    """
+    from mergekit_nan.freeze import freeze_recipe, frozen_yaml
+    from mergekit_nan.report import write_files
+
+    _check_writable(output)
+    inspection = _inspect(config_file, arguments)
+    frozen = freeze_recipe(inspection)
+    text = frozen_yaml(frozen, source=os.path.basename(config_file), inspection=inspection)
+    write_files({output: lambda path: Path(path).write_text(text, encoding="utf-8")})
+    click.echo(
+        f"Wrote {output}: merge_method {inspection.inner_method}, "
+        f"{len(inspection.models)} models, {len(inspection.tensors)} tensors "
+        f"({inspection.granularity} granularity)"
+    )
+    click.echo(f"Run it with stock mergekit: mergekit-yaml {output} OUTPUT_DIR")
+
+
+@main.command("demo")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep everything in this new or empty directory",
+)
+@click.option("--keep", is_flag=True, help="Keep the temporary directory")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks")
+@_reported
+def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
+    """Merge three tiny fine-tunes with nan, offline, and show the coefficients used."""
+    from mergekit_nan.demo import run_demo
+
+    run_demo(None if out is None else Path(out), keep=keep, echo=click.echo)

@@ -1,0 +1,482 @@
+"""The NAN coefficients a recipe's merge would use, computed without merging.
+
+:func:`inspect_recipe` plans the recipe with mergekit's own machinery
+(``MergeConfiguration``, architecture detection, ``MergePlanner`` with its
+parameter resolver, ``LoaderCache``) and runs one small task per output tensor
+on mergekit's executor, which loads each input tensor lazily and drops it once
+its coefficients are known: peak memory is about one tensor per input.
+
+Per tensor, the coefficients are those the merge computes: for ``nan`` the
+alpha_i of :class:`~mergekit_nan.method.NanMerge` (with its ``lambda``), for
+``<method>+nan`` the ``weight`` values :class:`~mergekit_nan.modifier.NanCoefficients`
+passes to the inner method (NAN ratios times the weight total).
+
+At ``granularity="model"`` the per-tensor norms are summed into one norm per
+model, ``||x_i|| = sqrt(sum_t ||x_i,t||^2)`` over every tensor NAN sees, and
+every tensor gets the ratios of those whole-model norms (same exponent, priors
+and scale as at ``tensor`` granularity).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import yaml
+from mergekit import merge_methods
+from mergekit.architecture import WeightInfo, get_architecture_info
+from mergekit.common import ModelReference, dtype_from_name
+from mergekit.config import MergeConfiguration
+from mergekit.graph import Executor, Task
+from mergekit.io.tasks import LoaderCache
+from mergekit.merge import _model_out_config
+from mergekit.merge_methods.base import (
+    BasePolicy,
+    OptionalTensorPolicy,
+    ParameterScope,
+    PerInputValues,
+    TensorEntry,
+    TensorGroup,
+    TensorMetadata,
+)
+from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
+from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.options import MergeOptions
+from mergekit.plan import MergePlanner
+from typing_extensions import Literal
+
+from mergekit_nan.coefficients import coefficients_from_norms, frobenius_norms
+from mergekit_nan.group import group_coefficients, uses_base
+from mergekit_nan.method import NanMerge
+from mergekit_nan.modifier import NanCoefficients
+from mergekit_nan.registration import modifiable_methods, register_methods
+
+__all__ = [
+    "GRANULARITIES",
+    "Granularity",
+    "Inspection",
+    "TensorCoefficients",
+    "inspect_recipe",
+    "load_recipe",
+]
+
+Granularity = Literal["tensor", "model"]
+GRANULARITIES = ("tensor", "model")
+
+
+@dataclass(frozen=True)
+class TensorCoefficients:
+    """The NAN coefficients of one output tensor.
+
+    ``models``, ``inputs``, ``norms``, ``shares`` and ``weights`` are aligned:
+    one entry per model that NAN weighs. ``shares`` sum to one; ``weights``
+    are the values the merge uses (alpha_i for ``nan``, the inner method's
+    ``weight`` for ``<method>+nan``); ``scale`` is ``lambda`` for ``nan`` (1
+    without a base) and the weight total for ``<method>+nan``.
+    """
+
+    name: str
+    module: str
+    slice_index: int
+    layer: Optional[int]
+    kind: str
+    models: Tuple[ModelReference, ...]
+    inputs: Tuple[str, ...]
+    norms: Tuple[float, ...]
+    shares: Tuple[float, ...]
+    weights: Tuple[float, ...]
+    scale: float
+
+
+@dataclass(frozen=True)
+class Inspection:
+    """Everything :func:`inspect_recipe` found, in the merge's tensor order.
+
+    ``config`` is the recipe as mergekit normalises it (``modules`` of
+    ``slices``), which ``tensors[i].module``/``slice_index`` refer to.
+    ``model_norms`` holds the whole-model norms at ``model`` granularity.
+    ``skipped`` names tensors the merge copies without NAN (non-float buffers,
+    optional tensors passed through).
+    """
+
+    merge_method: str
+    inner_method: str
+    granularity: Granularity
+    base_model: Optional[ModelReference]
+    models: Tuple[ModelReference, ...]
+    tensors: Tuple[TensorCoefficients, ...]
+    config: MergeConfiguration
+    model_norms: Optional[Dict[ModelReference, float]] = None
+    skipped: Tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where the planner found one output tensor's settings."""
+
+    module: str
+    slice_index: int
+    layer: Optional[int]
+    kind: str
+    inputs: Tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Measured:
+    """What the coefficient pass returns for one tensor (plain numbers only)."""
+
+    models: Tuple[ModelReference, ...]
+    norms: Tuple[float, ...]
+    shares: Tuple[float, ...]
+    priors: Optional[Tuple[float, ...]]
+    exponent: float
+    scale: float
+    scale_weights: bool
+
+
+def load_recipe(path: str) -> MergeConfiguration:
+    """Read a mergekit YAML recipe; ``FileNotFoundError``/``ValueError`` on bad input."""
+    with open(path, encoding="utf-8") as file:
+        data = yaml.safe_load(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a mergekit recipe (expected a YAML mapping)")
+    return MergeConfiguration.model_validate(data)
+
+
+def _check_method(name: str) -> None:
+    register_methods()
+    method = merge_methods.get(name)
+    if not isinstance(method, (NanMerge, NanCoefficients)):
+        choices = ", ".join(f"{m}+nan" for m in modifiable_methods())
+        raise ValueError(
+            f"the recipe's merge_method is {name!r}, which does not use NAN "
+            f"coefficients; use nan or one of {choices}"
+        )
+
+
+def _looks_local(path: str) -> bool:
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1
+
+
+def _check_models(config: MergeConfiguration) -> None:
+    for model in config.referenced_models():
+        for part in (model.model, model.lora):
+            if part is not None and _looks_local(part.path) and not os.path.exists(part.path):
+                raise FileNotFoundError(f"model {model} not found: no such directory {part.path}")
+
+
+def _kind(name: str, layer: Optional[int]) -> str:
+    if layer is not None:
+        marker = f".{layer}."
+        if marker in name:
+            name = name.split(marker, 1)[1]
+    return name[: -len(".weight")] if name.endswith(".weight") else name
+
+
+class _RecordingPlanner(MergePlanner):
+    """mergekit's planner, noting the module, slice and layer of each tensor."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.placements: List[_Placement] = []
+        self._module_name = ""
+        self._layer: Optional[int] = None
+
+    def plan_module(self, module_name, definition):
+        self._module_name = module_name
+        super().plan_module(module_name, definition)
+
+    def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
+        self._layer = self._current_module_layers
+        try:
+            super().plan_layer(sources, layer_offset, t, cfg_reader, module_name)
+        finally:
+            self._layer = None
+
+    def plan_tensor(
+        self,
+        weight: WeightInfo,
+        weights_in: List[WeightInfo],
+        models: List[ModelReference],
+        cfg_reader,
+    ):
+        before = len(self._tensors)
+        super().plan_tensor(weight, weights_in, models, cfg_reader)
+        if len(self._tensors) == before:
+            return
+        slices = self.config.modules[self._module_name].slices
+        index = next(i for i, s in enumerate(slices) if s is cfg_reader.slice_out)
+        self.placements.append(
+            _Placement(
+                module=self._module_name,
+                slice_index=index,
+                layer=self._layer,
+                kind=_kind(weight.name, self._layer),
+                inputs=tuple(w.name for w in weights_in),
+            )
+        )
+
+
+def _check_shapes(group: TensorGroup) -> None:
+    reference = group.base or group.entries[0]
+    for entry in group.entries:
+        if entry.tensor.shape != reference.tensor.shape:
+            raise ValueError(
+                f"tensor {group.metadata.name!r} has shape {tuple(entry.tensor.shape)} "
+                f"in model {entry.id} but {tuple(reference.tensor.shape)} in model "
+                f"{reference.id}; NAN needs matching shapes"
+            )
+
+
+def _bound_parameters(merge: ExecuteMergeMethodTask, method, group: TensorGroup) -> Dict:
+    """The merge adapter's parameter binding for the inputs that were loaded."""
+    parameters = dict(merge.parameters.items())
+    for parameter in method.spec.input_parameters:
+        inputs = group.entries if parameter.scope == ParameterScope.INPUT else group.non_base
+        parameters[parameter.name] = PerInputValues(
+            [(entry.id, merge.input_parameters[entry.id][parameter.name]) for entry in inputs]
+        )
+    return parameters
+
+
+def _measure_nan(group: TensorGroup, parameters: Dict) -> _Measured:
+    """:class:`NanMerge`'s alpha_i, with ``lambda`` as the scale."""
+    inputs = group.non_base
+    prior: PerInputValues[float] = parameters["weight"]
+    nan_norm, exponent = parameters["nan_norm"], parameters["nan_exponent"]
+    shares = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent, prior=prior)
+    base = group.base.tensor if uses_base(group, nan_norm) else None
+    norms = frobenius_norms([entry.tensor for entry in inputs], base)
+    return _Measured(
+        models=tuple(entry.id for entry in inputs),
+        norms=tuple(norms.tolist()),
+        shares=tuple(shares.tolist()),
+        priors=tuple(prior[entry.id] for entry in inputs),
+        exponent=exponent,
+        scale=parameters["lambda"] if group.base is not None else 1.0,
+        scale_weights=False,
+    )
+
+
+def _measure_composite(
+    method: NanCoefficients, group: TensorGroup, parameters: Dict
+) -> Optional[_Measured]:
+    """The ``weight`` values :class:`NanCoefficients` hands to its inner method."""
+    name = group.metadata.name
+    nan_norm, exponent = parameters["nan_norm"], parameters["nan_exponent"]
+    if method.inner.spec.contract.base == BasePolicy.IGNORED:
+        if nan_norm == "delta":
+            raise ValueError(
+                f"{method.inner.spec.name} ignores the base model, so nan_norm: delta "
+                f"is undefined for tensor {name!r}; use nan_norm: weights"
+            )
+        nan_norm = "weights"
+    scope = next(p.scope for p in method.inner.spec.parameters if p.name == "weight")
+    inputs = group.entries if scope == ParameterScope.INPUT else group.non_base
+    if not inputs:
+        return None  # only a base: the inner method decides, without NAN
+    user = parameters["weight"]
+    given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
+    if given and len(given) != len(inputs):
+        missing = ", ".join(str(entry.id) for entry in inputs if user[entry.id] is None)
+        raise ValueError(
+            f"{method.spec.name}: tensor {name!r} has a weight for some models but "
+            f"not for {missing}; give every model a weight or none"
+        )
+    shares = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent)
+    base = group.base.tensor if uses_base(group, nan_norm) else None
+    norms = frobenius_norms([entry.tensor for entry in inputs], base)
+    return _Measured(
+        models=tuple(entry.id for entry in inputs),
+        norms=tuple(norms.tolist()),
+        shares=tuple(shares.tolist()),
+        priors=None,
+        exponent=exponent,
+        scale=sum(given) if given else 1.0,
+        scale_weights=True,
+    )
+
+
+class _CoefficientTask(Task[Optional[_Measured]]):
+    """Stands in for one planned merge task: same inputs, coefficients out."""
+
+    merge: ExecuteMergeMethodTask
+
+    def arguments(self) -> Dict[str, Task]:
+        return self.merge.arguments()
+
+    def group_label(self) -> Optional[str]:
+        return self.merge.group_label()
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def execute(
+        self, tensors: Dict[ModelReference, torch.Tensor], **_kwargs
+    ) -> Optional[_Measured]:
+        merge = self.merge
+        method = merge_methods.get(merge.method_name)
+        entries = tuple(
+            TensorEntry(id=model, tensor=tensor, is_base=model == merge.base_model)
+            for model in merge.model_order
+            if (tensor := tensors.get(model)) is not None
+        )
+        group = TensorGroup(entries, TensorMetadata.from_weight_info(merge.output_weight))
+        if merge.output_weight.optional and len(entries) < len(merge.model_order):
+            # The merge passes such a tensor through or skips it, without NAN.
+            policy = method.spec.optional_tensor_policy
+            if len(entries) == 1 and (
+                policy == OptionalTensorPolicy.PASSTHROUGH_SINGLETON
+                or (
+                    policy == OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON and entries[0].is_base
+                )
+            ):
+                return None
+            if (
+                policy == OptionalTensorPolicy.BASE_OR_SKIP
+                and len(entries) < method.spec.contract.min_inputs
+            ):
+                return None
+        method.validate_inputs(
+            [entry.id for entry in entries], merge.base_model, group_name=group.metadata.name
+        )
+        if not all(entry.tensor.is_floating_point() for entry in entries):
+            return None
+        _check_shapes(group)
+        group.validate_tensors()
+        parameters = _bound_parameters(merge, method, group)
+        group = align_dtype(group, dtype_from_name(merge.dtype) or promoted_dtype(group))
+        if isinstance(method, NanMerge):
+            return _measure_nan(group, parameters)
+        return _measure_composite(method, group, parameters)
+
+
+def _model_norms(measured: Sequence[_Measured]) -> Dict[ModelReference, float]:
+    squares: Dict[ModelReference, float] = {}
+    for item in measured:
+        for model, norm in zip(item.models, item.norms):
+            squares[model] = squares.get(model, 0.0) + norm * norm
+    return {model: math.sqrt(value) for model, value in squares.items()}
+
+
+def _shares_from(item: _Measured, norms: Dict[ModelReference, float]) -> Tuple[float, ...]:
+    prior = None if item.priors is None else torch.tensor(item.priors, dtype=torch.float64)
+    whole = torch.tensor([norms[model] for model in item.models], dtype=torch.float64)
+    return tuple(coefficients_from_norms(whole, exponent=item.exponent, prior=prior).tolist())
+
+
+def inspect_recipe(
+    config: MergeConfiguration,
+    *,
+    granularity: Granularity = "tensor",
+    options: Optional[MergeOptions] = None,
+) -> Inspection:
+    """Compute the NAN coefficients of every tensor ``config`` merges.
+
+    ``options`` are mergekit's (``device``, ``lora_merge_cache``,
+    ``transformers_cache``, ``trust_remote_code``, ``allow_crimes``,
+    ``quiet``); LoRA references are merged the way mergekit merges them, into
+    ``options.lora_merge_cache`` or a temporary directory. Raises
+    ``ValueError`` for a recipe without a NAN method, mismatched shapes or
+    non-finite tensors, and ``FileNotFoundError`` for missing local models;
+    messages name the tensor and the model.
+    """
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
+    _check_method(config.merge_method)
+    _check_models(config)
+    config = config.model_copy(deep=True)
+    options = options or MergeOptions()
+    with tempfile.TemporaryDirectory(prefix="mergekit-nan-lora-") as lora_dir:
+        temporary = options.lora_merge_cache is None
+        if temporary:
+            options = options.model_copy(update={"lora_merge_cache": lora_dir})
+        arch_info = get_architecture_info(config, options)
+        loaders = LoaderCache()
+        loaders.setup(options=options)
+        for model in config.referenced_models():
+            loaders.get(model)
+        planner = _RecordingPlanner(
+            config,
+            arch_info,
+            options=options,
+            out_model_config=_model_out_config(
+                config, arch_info, trust_remote_code=options.trust_remote_code
+            ),
+        )
+        # The planner's own tensor list: (output WeightInfo, merge task) pairs.
+        planner._plan()
+        planned = planner._tensors
+        tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
+        executor = Executor(tasks, math_device=options.device or "cpu", storage_device="cpu")
+        results: Dict[Task, Optional[_Measured]] = {}
+        try:
+            for task, value in executor.run(quiet=options.quiet, desc="NAN coefficients"):
+                results[task] = value
+        finally:
+            loaders.flush_all()
+            if temporary:
+                # Merged adapters live in the temporary directory: forget them.
+                for model in config.referenced_models():
+                    if model.lora is not None:
+                        loaders.loaders.pop(model, None)
+    measured = [results[task] for task in tasks]
+    kept = [(p, m, t) for p, m, t in zip(planner.placements, measured, planned) if m is not None]
+    norms = _model_norms([m for _, m, _ in kept]) if granularity == "model" else None
+    rows = []
+    for placement, item, target in kept:
+        shares = item.shares if norms is None else _shares_from(item, norms)
+        weights = tuple(s * item.scale for s in shares) if item.scale_weights else shares
+        weight_info, merge = target
+        position = {model: i for i, model in enumerate(merge.model_order)}
+        rows.append(
+            TensorCoefficients(
+                name=weight_info.name,
+                module=placement.module,
+                slice_index=placement.slice_index,
+                layer=placement.layer,
+                kind=placement.kind,
+                models=item.models,
+                inputs=tuple(placement.inputs[position[model]] for model in item.models),
+                norms=item.norms,
+                shares=shares,
+                weights=weights,
+                scale=item.scale,
+            )
+        )
+    method = merge_methods.get(config.merge_method)
+    order: Dict[ModelReference, None] = {}
+    for row in rows:
+        order.update(dict.fromkeys(row.models))
+    return Inspection(
+        merge_method=config.merge_method,
+        inner_method=_inner_name(method, config),
+        granularity=granularity,
+        base_model=config.base_model,
+        models=tuple(order),
+        tensors=tuple(rows),
+        config=planner.config,
+        model_norms=norms,
+        skipped=tuple(
+            weight_info.name for (weight_info, _), m in zip(planned, measured) if m is None
+        ),
+    )
+
+
+def _inner_name(method, config: MergeConfiguration) -> str:
+    if isinstance(method, NanCoefficients):
+        return method.inner.spec.name
+    return "task_arithmetic" if _has_base(config) else "linear"
+
+
+def _has_base(config: MergeConfiguration) -> bool:
+    if config.base_model is not None:
+        return True
+    for module in (config.modules or {}).values():
+        if any(s.base_model is not None for s in module.slices or ()):
+            return True
+    return any(s.base_model is not None for s in config.slices or ())
