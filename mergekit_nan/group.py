@@ -1,6 +1,7 @@
 """NAN coefficients for one mergekit tensor group, with errors that name names.
 
-The adapters (``nan`` and ``<method>+nan``) call :func:`group_coefficients`;
+The adapters (``nan`` and ``<method>+nan``) and the inspector call
+:func:`group_weighting`;
 it picks x_i per the ``nan_norm`` rule, calls the pure math in
 :mod:`mergekit_nan.coefficients`, and turns its errors into messages that
 name the tensor and the model.
@@ -8,7 +9,8 @@ name the tensor and the model.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from dataclasses import dataclass, replace
+from typing import Hashable, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import TensorEntry, TensorGroup
@@ -20,7 +22,39 @@ from mergekit_nan.coefficients import (
 )
 from mergekit_nan.parameters import NanNorm
 
-__all__ = ["group_coefficients", "uses_base"]
+__all__ = ["Weighting", "group_weighting", "uses_base"]
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """NAN's reading of one tensor group, as plain numbers.
+
+    ``models``, ``norms`` (||x_i||) and ``shares`` (alpha_i, summing to one)
+    are aligned. ``scale`` is ``lambda`` for ``nan`` (1 without a base) and the
+    user's weight total for ``<method>+nan``; ``weights`` are the values the
+    merge uses: the shares for ``nan``, shares times the total for composites.
+    """
+
+    models: Tuple[Hashable, ...]
+    norms: Tuple[float, ...]
+    shares: Tuple[float, ...]
+    priors: Optional[Tuple[float, ...]]
+    exponent: float
+    scale: float
+    scales_weights: bool
+
+    @property
+    def weights(self) -> Tuple[float, ...]:
+        if not self.scales_weights:
+            return self.shares
+        return tuple(share * self.scale for share in self.shares)
+
+    def with_norms(self, norms: Sequence[float]) -> Weighting:
+        """The same reading with other norms (e.g. whole-model norms), shares recomputed."""
+        values = torch.tensor(list(norms), dtype=torch.float64)
+        prior = None if self.priors is None else torch.tensor(self.priors, dtype=torch.float64)
+        shares = coefficients_from_norms(values, exponent=self.exponent, prior=prior)
+        return replace(self, norms=tuple(norms), shares=tuple(shares.tolist()))
 
 
 def _label(group: TensorGroup) -> str:
@@ -38,19 +72,22 @@ def uses_base(group: TensorGroup, nan_norm: NanNorm) -> bool:
     return group.base is not None and nan_norm != "weights"
 
 
-def group_coefficients(
+def group_weighting(
     group: TensorGroup,
     inputs: Sequence[TensorEntry],
     *,
     nan_norm: NanNorm,
     exponent: float,
+    scale: float,
+    scales_weights: bool,
     prior: Optional[Mapping[object, float]] = None,
-) -> torch.Tensor:
-    """NAN coefficients (summing to one) for ``inputs``, a subset of ``group``.
+) -> Weighting:
+    """NAN's reading of ``inputs``, a subset of ``group``, with one host sync.
 
-    x_i is ``input - base`` when :func:`uses_base`, else the input itself.
-    The result is a 1-D tensor on the inputs' device, in float32 (float64 for
-    float64 inputs). ``prior`` maps input ids to non-negative weights.
+    x_i is ``input - base`` when :func:`uses_base`, else the input itself;
+    norms are computed on the inputs' device in float32 (float64 for float64
+    inputs). ``prior`` maps input ids to non-negative weights. Errors name the
+    tensor and the model.
     """
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
@@ -75,6 +112,16 @@ def group_coefficients(
             [prior[entry.id] for entry in inputs], dtype=norms.dtype, device=norms.device
         )
     try:
-        return coefficients_from_norms(norms, exponent=exponent, prior=weights)
+        shares = coefficients_from_norms(norms, exponent=exponent, prior=weights)
     except ValueError as error:
         raise ValueError(f"{error} (tensor {_label(group)})") from None
+    norms_list, shares_list = torch.stack([norms, shares.to(norms.dtype)]).tolist()
+    return Weighting(
+        models=tuple(entry.id for entry in inputs),
+        norms=tuple(norms_list),
+        shares=tuple(shares_list),
+        priors=None if prior is None else tuple(prior[entry.id] for entry in inputs),
+        exponent=exponent,
+        scale=scale,
+        scales_weights=scales_weights,
+    )

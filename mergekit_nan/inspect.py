@@ -35,7 +35,6 @@ from mergekit.graph import Executor, Task
 from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config
 from mergekit.merge_methods.base import (
-    BasePolicy,
     OptionalTensorPolicy,
     ParameterScope,
     PerInputValues,
@@ -49,8 +48,7 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from typing_extensions import Literal
 
-from mergekit_nan.coefficients import coefficients_from_norms, frobenius_norms
-from mergekit_nan.group import group_coefficients, uses_base
+from mergekit_nan.group import Weighting
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.registration import modifiable_methods, register_methods
@@ -123,19 +121,6 @@ class _Placement:
     layer: Optional[int]
     kind: str
     inputs: Tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class _Measured:
-    """What the coefficient pass returns for one tensor (plain numbers only)."""
-
-    models: Tuple[ModelReference, ...]
-    norms: Tuple[float, ...]
-    shares: Tuple[float, ...]
-    priors: Optional[Tuple[float, ...]]
-    exponent: float
-    scale: float
-    scale_weights: bool
 
 
 def load_recipe(path: str) -> MergeConfiguration:
@@ -243,65 +228,7 @@ def _bound_parameters(merge: ExecuteMergeMethodTask, method, group: TensorGroup)
     return parameters
 
 
-def _measure_nan(group: TensorGroup, parameters: Dict) -> _Measured:
-    """:class:`NanMerge`'s alpha_i, with ``lambda`` as the scale."""
-    inputs = group.non_base
-    prior: PerInputValues[float] = parameters["weight"]
-    nan_norm, exponent = parameters["nan_norm"], parameters["nan_exponent"]
-    shares = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent, prior=prior)
-    base = group.base.tensor if uses_base(group, nan_norm) else None
-    norms = frobenius_norms([entry.tensor for entry in inputs], base)
-    return _Measured(
-        models=tuple(entry.id for entry in inputs),
-        norms=tuple(norms.tolist()),
-        shares=tuple(shares.tolist()),
-        priors=tuple(prior[entry.id] for entry in inputs),
-        exponent=exponent,
-        scale=parameters["lambda"] if group.base is not None else 1.0,
-        scale_weights=False,
-    )
-
-
-def _measure_composite(
-    method: NanCoefficients, group: TensorGroup, parameters: Dict
-) -> Optional[_Measured]:
-    """The ``weight`` values :class:`NanCoefficients` hands to its inner method."""
-    name = group.metadata.name
-    nan_norm, exponent = parameters["nan_norm"], parameters["nan_exponent"]
-    if method.inner.spec.contract.base == BasePolicy.IGNORED:
-        if nan_norm == "delta":
-            raise ValueError(
-                f"{method.inner.spec.name} ignores the base model, so nan_norm: delta "
-                f"is undefined for tensor {name!r}; use nan_norm: weights"
-            )
-        nan_norm = "weights"
-    scope = next(p.scope for p in method.inner.spec.parameters if p.name == "weight")
-    inputs = group.entries if scope == ParameterScope.INPUT else group.non_base
-    if not inputs:
-        return None  # only a base: the inner method decides, without NAN
-    user = parameters["weight"]
-    given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
-    if given and len(given) != len(inputs):
-        missing = ", ".join(str(entry.id) for entry in inputs if user[entry.id] is None)
-        raise ValueError(
-            f"{method.spec.name}: tensor {name!r} has a weight for some models but "
-            f"not for {missing}; give every model a weight or none"
-        )
-    shares = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent)
-    base = group.base.tensor if uses_base(group, nan_norm) else None
-    norms = frobenius_norms([entry.tensor for entry in inputs], base)
-    return _Measured(
-        models=tuple(entry.id for entry in inputs),
-        norms=tuple(norms.tolist()),
-        shares=tuple(shares.tolist()),
-        priors=None,
-        exponent=exponent,
-        scale=sum(given) if given else 1.0,
-        scale_weights=True,
-    )
-
-
-class _CoefficientTask(Task[Optional[_Measured]]):
+class _CoefficientTask(Task[Optional[Weighting]]):
     """Stands in for one planned merge task: same inputs, coefficients out."""
 
     merge: ExecuteMergeMethodTask
@@ -317,7 +244,7 @@ class _CoefficientTask(Task[Optional[_Measured]]):
 
     def execute(
         self, tensors: Dict[ModelReference, torch.Tensor], **_kwargs
-    ) -> Optional[_Measured]:
+    ) -> Optional[Weighting]:
         merge = self.merge
         method = merge_methods.get(merge.method_name)
         entries = tuple(
@@ -350,23 +277,15 @@ class _CoefficientTask(Task[Optional[_Measured]]):
         group.validate_tensors()
         parameters = _bound_parameters(merge, method, group)
         group = align_dtype(group, dtype_from_name(merge.dtype) or promoted_dtype(group))
-        if isinstance(method, NanMerge):
-            return _measure_nan(group, parameters)
-        return _measure_composite(method, group, parameters)
+        return method.weighting(group, parameters)
 
 
-def _model_norms(measured: Sequence[_Measured]) -> Dict[ModelReference, float]:
+def _model_norms(measured: Sequence[Weighting]) -> Dict[ModelReference, float]:
     squares: Dict[ModelReference, float] = {}
     for item in measured:
         for model, norm in zip(item.models, item.norms):
             squares[model] = squares.get(model, 0.0) + norm * norm
     return {model: math.sqrt(value) for model, value in squares.items()}
-
-
-def _shares_from(item: _Measured, norms: Dict[ModelReference, float]) -> Tuple[float, ...]:
-    prior = None if item.priors is None else torch.tensor(item.priors, dtype=torch.float64)
-    whole = torch.tensor([norms[model] for model in item.models], dtype=torch.float64)
-    return tuple(coefficients_from_norms(whole, exponent=item.exponent, prior=prior).tolist())
 
 
 def inspect_recipe(
@@ -413,7 +332,7 @@ def inspect_recipe(
         planned = planner._tensors
         tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
         executor = Executor(tasks, math_device=options.device or "cpu", storage_device="cpu")
-        results: Dict[Task, Optional[_Measured]] = {}
+        results: Dict[Task, Optional[Weighting]] = {}
         try:
             for task, value in executor.run(quiet=options.quiet, desc="NAN coefficients"):
                 results[task] = value
@@ -429,8 +348,7 @@ def inspect_recipe(
     norms = _model_norms([m for _, m, _ in kept]) if granularity == "model" else None
     rows = []
     for placement, item, target in kept:
-        shares = item.shares if norms is None else _shares_from(item, norms)
-        weights = tuple(s * item.scale for s in shares) if item.scale_weights else shares
+        used = item if norms is None else item.with_norms([norms[m] for m in item.models])
         weight_info, merge = target
         position = {model: i for i, model in enumerate(merge.model_order)}
         rows.append(
@@ -443,8 +361,8 @@ def inspect_recipe(
                 models=item.models,
                 inputs=tuple(placement.inputs[position[model]] for model in item.models),
                 norms=item.norms,
-                shares=shares,
-                weights=weights,
+                shares=used.shares,
+                weights=used.weights,
                 scale=item.scale,
             )
         )

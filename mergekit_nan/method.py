@@ -15,7 +15,7 @@ float32 (float64 for float64 inputs) on the inputs' device.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from mergekit.merge_methods.base import (
@@ -32,7 +32,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, accumulation_dtype
-from mergekit_nan.group import group_coefficients
+from mergekit_nan.group import Weighting, group_weighting
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, finite_float
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
@@ -70,19 +70,25 @@ class NanMerge(GroupMergeMethod):
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_SINGLETON,
     )
 
-    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        inputs = group.non_base
+    def weighting(self, group: TensorGroup, parameters: Mapping[str, Any]) -> Weighting:
+        """The alpha_i of ``group`` (bound parameters), with ``lambda`` as the scale."""
         prior: PerInputValues[float] = parameters["weight"]
-        coefficients = group_coefficients(
+        return group_weighting(
             group,
-            inputs,
+            group.non_base,
             nan_norm=parameters["nan_norm"],
             exponent=parameters["nan_exponent"],
             prior=prior,
+            scale=parameters["lambda"] if group.base is not None else 1.0,
+            scales_weights=False,
         )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        inputs = group.non_base
+        weighting = self.weighting(group, parameters)
+        scale = weighting.scale
+        scaled = [scale * share for share in weighting.shares]
         first = inputs[0].tensor
-        scale = parameters["lambda"] if group.base is not None else 1.0
-        scaled = [scale * c for c in coefficients.tolist()]
         dtype = accumulation_dtype(first.dtype)
         if group.base is None:
             result = torch.zeros_like(first, dtype=dtype)

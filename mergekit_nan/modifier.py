@@ -18,7 +18,7 @@ have norms 1 and 3 gets weights 2 * (3/4, 1/4) = (1.5, 0.5).
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from mergekit.merge_methods.base import (
@@ -31,7 +31,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_nan.group import group_coefficients
+from mergekit_nan.group import Weighting, group_weighting
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM
 
 __all__ = ["COMPOSITE_SUFFIX", "NanCoefficients", "nan_coefficients", "takes_weight"]
@@ -77,9 +77,13 @@ class NanCoefficients(GroupMergeMethod):
         )
         self._weight_scope = next(p.scope for p in inner.spec.parameters if p.name == "weight")
 
-    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
-        nan_norm = parameters.pop(NAN_NORM.name)
-        exponent = parameters.pop(NAN_EXPONENT.name)
+    def weighting(self, group: TensorGroup, parameters: Mapping[str, Any]) -> Optional[Weighting]:
+        """The ``weight`` values for ``group`` (bound parameters); None if only a base.
+
+        Raises for ``nan_norm: delta`` on a base-ignoring method and for weights
+        given for some models but not all.
+        """
+        nan_norm = parameters[NAN_NORM.name]
         if self.inner.spec.contract.base == BasePolicy.IGNORED:
             if nan_norm == "delta":
                 raise ValueError(
@@ -90,10 +94,7 @@ class NanCoefficients(GroupMergeMethod):
             nan_norm = "weights"
         inputs = group.entries if self._weight_scope == ParameterScope.INPUT else group.non_base
         if not inputs:
-            # Only a base (an optional tensor the others lack): nothing to weigh,
-            # the inner method decides (the task-arithmetic family returns the base).
-            (result,) = self.inner((group,), parameters=parameters)
-            return result
+            return None
         user: PerInputValues[Optional[float]] = parameters["weight"]
         given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
         if given and len(given) != len(inputs):
@@ -103,12 +104,23 @@ class NanCoefficients(GroupMergeMethod):
                 f"some models but not for {', '.join(missing)}; give every model a "
                 "weight (it sets the total) or none"
             )
-        total = sum(given) if given else 1.0
-        coefficients = group_coefficients(group, inputs, nan_norm=nan_norm, exponent=exponent)
-        parameters["weight"] = {
-            entry.id: value * total for entry, value in zip(inputs, coefficients.tolist())
-        }
-        (result,) = self.inner((group,), parameters=parameters)
+        return group_weighting(
+            group,
+            inputs,
+            nan_norm=nan_norm,
+            exponent=parameters[NAN_EXPONENT.name],
+            scale=sum(given) if given else 1.0,
+            scales_weights=True,
+        )
+
+    def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
+        weighting = self.weighting(group, parameters)
+        inner = {k: v for k, v in parameters.items() if k not in _NAN_PARAMETERS}
+        if weighting is not None:
+            inner["weight"] = dict(zip(weighting.models, weighting.weights))
+        # With only a base (an optional tensor the others lack) there is nothing
+        # to weigh: the inner method decides (the task-arithmetic family returns it).
+        (result,) = self.inner((group,), parameters=inner)
         return result
 
 
