@@ -183,3 +183,13 @@ def test_invalid_arguments():
         frobenius_norms([torch.ones(3, dtype=torch.int64)])
     with pytest.raises(ValueError, match="at least one"):
         frobenius_norms([])
+
+
+def test_long_tensors_keep_float32_norms_accurate():
+    # one long float32 reduction drifts by ~1e-4 over millions of elements
+    generator = torch.Generator().manual_seed(12)
+    base = torch.randn(4096, 1024, generator=generator).bfloat16()
+    tuned = [(base.float() + 0.01 * torch.randn(4096, 1024, generator=generator)).bfloat16()]
+    expected = (tuned[0].double() - base.double()).norm()
+    assert max_rel(frobenius_norms(tuned, base), expected.reshape(1)) < 1e-6
+    assert max_rel(frobenius_norms(tuned), tuned[0].double().norm().reshape(1)) < 1e-6
