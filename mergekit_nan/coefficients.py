@@ -34,8 +34,13 @@ __all__ = [
     "tensor_coefficients",
 ]
 
-NORM_CHUNK_ELEMENTS = 1 << 22
-"""Elements per input read at once while accumulating norms (16 MiB in float32)."""
+NORM_CHUNK_ELEMENTS = 1 << 18
+"""Elements per input converted at once while accumulating norms (1 MiB in float32).
+
+Small on purpose: glibc raises its dynamic mmap threshold to the size of the
+largest block freed, and a merge's later allocations below that threshold stay
+on the heap, raising the process's peak memory. 1 MiB keeps that effect
+negligible while each chunk is still large enough to run at memory speed."""
 
 NORM_ROW_ELEMENTS = 1024
 """Length of the rows whose float32 sums of squares are added up in float64."""
@@ -91,15 +96,22 @@ def _norms_in(
     device = flats[0].device
     wide = torch.float32 if device.type == "mps" else torch.float64
     squares = torch.zeros(len(flats), dtype=wide, device=device)
+    size = min(chunk, numel)
+    # Two buffers per call, reused for every chunk (the last one included), so
+    # the allocator sees one size only.
+    base_buffer = torch.empty(size, dtype=dtype, device=device) if flat_base is not None else None
+    delta_buffer = torch.empty(size, dtype=dtype, device=device) if flat_base is not None else None
     for start in range(0, numel, chunk):
         length = min(chunk, numel - start)
-        base_part = flat_base.narrow(0, start, length).to(dtype) if flat_base is not None else None
+        if flat_base is not None:
+            base_part = base_buffer.narrow(0, 0, length)
+            base_part.copy_(flat_base.narrow(0, start, length))
+            delta = delta_buffer.narrow(0, 0, length)
         for index, flat in enumerate(flats):
             part = flat.narrow(0, start, length)
-            if base_part is not None:
-                part = torch.sub(part, base_part)
+            if flat_base is not None:
+                part = torch.sub(part, base_part, out=delta)
             squares[index] += _squares(part, dtype, wide)
-        del base_part
     return squares.sqrt().to(dtype)
 
 

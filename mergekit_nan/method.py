@@ -15,7 +15,8 @@ float32 (float64 for float64 inputs) on the inputs' device.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+import math
+from typing import Any, Mapping
 
 import torch
 from mergekit.merge_methods.base import (
@@ -27,12 +28,11 @@ from mergekit.merge_methods.base import (
     ParameterScope,
     ParameterSpec,
     PerInputValues,
-    TensorEntry,
     TensorGroup,
 )
 
-from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, accumulation_dtype
-from mergekit_nan.group import Weighting, group_weighting
+from mergekit_nan.coefficients import accumulation_dtype
+from mergekit_nan.group import Weighting, group_weighting, uses_base
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, finite_float
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
@@ -87,15 +87,21 @@ class NanMerge(GroupMergeMethod):
         inputs = group.non_base
         weighting = self.weighting(group, parameters)
         scale = weighting.scale
-        scaled = [scale * share for share in weighting.shares]
+        total = math.fsum(weighting.shares)
+        coefficients = [scale * share / total for share in weighting.shares]
+        if group.base is not None and uses_base(group, parameters["nan_norm"]):
+            # A zero task vector adds exactly nothing: tensors no fine-tune
+            # touched come out bit-identical to the base.
+            coefficients = [0.0 if n == 0 else c for n, c in zip(weighting.norms, coefficients)]
         first = inputs[0].tensor
-        dtype = accumulation_dtype(first.dtype)
-        if group.base is None:
-            result = torch.zeros_like(first, dtype=dtype)
-            for entry, coefficient in zip(inputs, scaled):
+        result = torch.zeros_like(first, dtype=accumulation_dtype(first.dtype))
+        if group.base is not None:
+            # theta_b + sum c_i (theta_i - theta_b) = (1 - sum c_i) theta_b + sum c_i theta_i:
+            # one pass per input, no temporaries (as mergekit's linear kernel).
+            result.add_(group.base.tensor, alpha=1.0 - math.fsum(coefficients))
+        for entry, coefficient in zip(inputs, coefficients):
+            if coefficient != 0:
                 result.add_(entry.tensor, alpha=coefficient)
-        else:
-            result = _add_task_vectors(group.base.tensor, inputs, scaled, dtype)
         merged = result.to(first.dtype)
         if not 0 <= scale <= 1 and not bool(torch.isfinite(merged).all()):
             # Only an extrapolating lambda can leave the inputs' range.
@@ -104,36 +110,6 @@ class NanMerge(GroupMergeMethod):
                 f"lambda={scale}; lower lambda or merge in a wider dtype"
             )
         return merged
-
-
-def _add_task_vectors(
-    base: torch.Tensor,
-    inputs: Sequence[TensorEntry],
-    coefficients: Sequence[float],
-    dtype: torch.dtype,
-    chunk: int = NORM_CHUNK_ELEMENTS,
-) -> torch.Tensor:
-    """theta_b + sum_i c_i (theta_i - theta_b) in ``dtype``, chunk by chunk.
-
-    Differences are formed in ``dtype``, so a zero task vector adds exactly
-    nothing (unchanged tensors stay bit-identical) and small ones do not
-    cancel; temporaries never exceed ``chunk`` elements.
-    """
-    result = torch.empty(base.shape, dtype=dtype, device=base.device)
-    result.copy_(base)
-    flat = result.view(-1)
-    flat_inputs = [
-        (entry.tensor.reshape(-1), c) for entry, c in zip(inputs, coefficients) if c != 0
-    ]
-    if not flat_inputs:
-        return result
-    for start in range(0, flat.numel(), chunk):
-        length = min(chunk, flat.numel() - start)
-        out = flat.narrow(0, start, length)
-        base_part = out.clone()  # theta_b in ``dtype``, before any update
-        for tensor, coefficient in flat_inputs:
-            out.add_(torch.sub(tensor.narrow(0, start, length), base_part), alpha=coefficient)
-    return result
 
 
 nan_merge_method = NanMerge()
