@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 NORM_CHUNK_ELEMENTS = 1 << 18
-"""Elements per input converted at once while accumulating norms (1 MiB in float32).
+"""Elements per input converted at once when no scratch buffer is given (1 MiB in float32).
 
 Small on purpose: glibc raises its dynamic mmap threshold to the size of the
 largest block freed, and a merge's later allocations below that threshold stay
@@ -88,29 +88,22 @@ def _norms_in(
     tensors: Sequence[torch.Tensor],
     base: Optional[torch.Tensor],
     dtype: torch.dtype,
-    chunk: int,
+    buffer: torch.Tensor,
 ) -> torch.Tensor:
     flats = [_flat(t) for t in tensors]
     flat_base = _flat(base) if base is not None else None
     numel = flats[0].numel()
-    device = flats[0].device
-    wide = torch.float32 if device.type == "mps" else torch.float64
-    squares = torch.zeros(len(flats), dtype=wide, device=device)
-    size = min(chunk, numel)
-    # Two buffers per call, reused for every chunk (the last one included), so
-    # the allocator sees one size only.
-    base_buffer = torch.empty(size, dtype=dtype, device=device) if flat_base is not None else None
-    delta_buffer = torch.empty(size, dtype=dtype, device=device) if flat_base is not None else None
+    wide = torch.float32 if buffer.device.type == "mps" else torch.float64
+    squares = torch.zeros(len(flats), dtype=wide, device=buffer.device)
+    chunk = max(buffer.numel(), 1)
     for start in range(0, numel, chunk):
         length = min(chunk, numel - start)
-        if flat_base is not None:
-            base_part = base_buffer.narrow(0, 0, length)
-            base_part.copy_(flat_base.narrow(0, start, length))
-            delta = delta_buffer.narrow(0, 0, length)
+        part = buffer.narrow(0, 0, length)
         for index, flat in enumerate(flats):
-            part = flat.narrow(0, start, length)
+            # x_i formed in ``dtype`` inside the buffer: exact for close values.
+            part.copy_(flat.narrow(0, start, length))
             if flat_base is not None:
-                part = torch.sub(part, base_part, out=delta)
+                part.sub_(flat_base.narrow(0, start, length))
             squares[index] += _squares(part, dtype, wide)
     return squares.sqrt().to(dtype)
 
@@ -120,15 +113,18 @@ def frobenius_norms(
     base: Optional[torch.Tensor] = None,
     *,
     chunk: int = NORM_CHUNK_ELEMENTS,
+    scratch: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Return ||x_i||_F for each input, x_i = tensors[i] - base (or tensors[i]).
 
     The result is a 1-D tensor on the inputs' device, in
-    ``accumulation_dtype`` of the inputs. At most ``chunk`` elements per input
-    are converted at a time. A float32 sum that overflows (inputs near the top
-    of the half-precision ranges) is redone, and returned, in float64. One host
-    sync checks
-    finiteness; non-finite inputs raise :class:`NonFiniteInputError`.
+    ``accumulation_dtype`` of the inputs. Each x_i is formed in that dtype in a
+    working buffer of at most ``chunk`` elements, taken from ``scratch`` when
+    given (a contiguous tensor of the inputs' shape and accumulation dtype, such
+    as the merge's output buffer, whose contents are overwritten), else
+    allocated. A float32 sum that overflows (inputs near the top of the
+    half-precision ranges) is redone, and returned, in float64. One host sync
+    checks finiteness; non-finite inputs raise :class:`NonFiniteInputError`.
     """
     if not tensors:
         raise ValueError("at least one input tensor is required")
@@ -138,11 +134,19 @@ def frobenius_norms(
         if not tensor.is_floating_point():
             raise TypeError(f"NAN needs floating-point tensors, got {tensor.dtype}")
     dtype = accumulation_dtype(tensors[0].dtype)
-    norms = _norms_in(tensors, base, dtype, chunk)
+    numel, device = tensors[0].numel(), tensors[0].device
+    if scratch is None:
+        buffer = torch.empty(min(chunk, numel), dtype=dtype, device=device)
+    elif scratch.dtype != dtype or scratch.numel() != numel or not scratch.is_contiguous():
+        raise ValueError(f"scratch must be a contiguous {dtype} tensor of {numel} elements")
+    else:
+        buffer = scratch.view(-1).narrow(0, 0, min(chunk, numel))
+    norms = _norms_in(tensors, base, dtype, buffer)
     if bool(torch.isfinite(norms).all()):
         return norms
     # Rare path: overflow of the float32 accumulation, or non-finite inputs.
-    wide = _norms_in(tensors, base, torch.float64, chunk)
+    wide_buffer = torch.empty(min(chunk, numel), dtype=torch.float64, device=device)
+    wide = _norms_in(tensors, base, torch.float64, wide_buffer)
     if bool(torch.isfinite(wide).all()):
         return wide
     bad = tuple(

@@ -81,13 +81,15 @@ def group_weighting(
     scale: float,
     scales_weights: bool,
     prior: Optional[Mapping[object, float]] = None,
+    scratch: Optional[torch.Tensor] = None,
 ) -> Weighting:
     """NAN's reading of ``inputs``, a subset of ``group``, with one host sync.
 
     x_i is ``input - base`` when :func:`uses_base`, else the input itself;
     norms are computed on the inputs' device in float32 (float64 for float64
-    inputs). ``prior`` maps input ids to non-negative weights. Errors name the
-    tensor and the model.
+    inputs). ``prior`` maps input ids to non-negative weights; ``scratch`` is
+    working memory for :func:`~mergekit_nan.coefficients.frobenius_norms`.
+    Errors name the tensor and the model.
     """
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
@@ -97,7 +99,7 @@ def group_weighting(
             )
     base = group.base.tensor if uses_base(group, nan_norm) else None
     try:
-        norms = frobenius_norms([entry.tensor for entry in inputs], base)
+        norms = frobenius_norms([entry.tensor for entry in inputs], base, scratch=scratch)
     except NonFiniteInputError as error:
         models = [str(inputs[index].id) for index in error.indices]
         if error.base:

@@ -16,7 +16,7 @@ float32 (float64 for float64 inputs) on the inputs' device.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import torch
 from mergekit.merge_methods.base import (
@@ -70,7 +70,12 @@ class NanMerge(GroupMergeMethod):
         optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_SINGLETON,
     )
 
-    def weighting(self, group: TensorGroup, parameters: Mapping[str, Any]) -> Weighting:
+    def weighting(
+        self,
+        group: TensorGroup,
+        parameters: Mapping[str, Any],
+        scratch: Optional[torch.Tensor] = None,
+    ) -> Weighting:
         """The alpha_i of ``group`` (bound parameters), with ``lambda`` as the scale."""
         prior: PerInputValues[float] = parameters["weight"]
         return group_weighting(
@@ -81,11 +86,18 @@ class NanMerge(GroupMergeMethod):
             prior=prior,
             scale=parameters["lambda"] if group.base is not None else 1.0,
             scales_weights=False,
+            scratch=scratch,
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         inputs = group.non_base
-        weighting = self.weighting(group, parameters)
+        first = inputs[0].tensor
+        # The output buffer doubles as the norm pass's working memory, so the
+        # method allocates what mergekit's linear kernel allocates, no more.
+        result = torch.empty(
+            first.shape, dtype=accumulation_dtype(first.dtype), device=first.device
+        )
+        weighting = self.weighting(group, parameters, scratch=result)
         scale = weighting.scale
         total = math.fsum(weighting.shares)
         coefficients = [scale * share / total for share in weighting.shares]
@@ -93,8 +105,7 @@ class NanMerge(GroupMergeMethod):
             # A zero task vector adds exactly nothing: tensors no fine-tune
             # touched come out bit-identical to the base.
             coefficients = [0.0 if n == 0 else c for n, c in zip(weighting.norms, coefficients)]
-        first = inputs[0].tensor
-        result = torch.zeros_like(first, dtype=accumulation_dtype(first.dtype))
+        result.zero_()
         if group.base is not None:
             # theta_b + sum c_i (theta_i - theta_b) = (1 - sum c_i) theta_b + sum c_i theta_i:
             # one pass per input, no temporaries (as mergekit's linear kernel).
