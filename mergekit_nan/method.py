@@ -101,7 +101,7 @@ class NanMerge(GroupMergeMethod):
         scale = weighting.scale
         total = math.fsum(weighting.shares)
         coefficients = [scale * share / total for share in weighting.shares]
-        if group.base is not None and uses_base(group, parameters["nan_norm"]):
+        if uses_base(group, parameters["nan_norm"]):
             # A zero task vector adds exactly nothing: tensors no fine-tune
             # touched come out bit-identical to the base.
             coefficients = [0.0 if n == 0 else c for n, c in zip(weighting.norms, coefficients)]
