@@ -102,6 +102,7 @@ def _inspect(config_file: str, arguments: Dict[str, Any]):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergekit-nan", prog_name="mergekit-nan")
 def main() -> None:
     """NAN merge coefficients (arXiv 2505.16148): see them, plot them, freeze them."""
 

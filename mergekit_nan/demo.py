@@ -81,6 +81,18 @@ def _max_error(inspection, paths: List[Path], merged: Path) -> float:
     return error
 
 
+def _next_command(recipe: Path) -> str:
+    """The follow-up to suggest: a heatmap only where matplotlib (the ``plot`` extra) is installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is not None:
+        return f"mergekit-nan inspect {recipe} --plot heatmap.png"
+    return (
+        f"mergekit-nan inspect {recipe} --csv coefficients.csv "
+        "(for a heatmap: pip install 'mergekit-nan[plot]', then add --plot heatmap.png)"
+    )
+
+
 def _quiet_transformers() -> None:
     import transformers
 
@@ -146,7 +158,7 @@ def run_demo(
             return DemoResult(None, None, None, table, error)
         echo(f"Merged model: {merged}")
         echo(f"Recipe:       {recipe_path}")
-        echo(f"Next: mergekit-nan inspect {recipe_path} --plot heatmap.png")
+        echo(f"Next: {_next_command(recipe_path)}")
         return DemoResult(root, recipe_path, merged, table, error)
     finally:
         if removable:

@@ -20,9 +20,10 @@ from mergekit_nan.coefficients import (
     coefficients_from_norms,
     frobenius_norms,
 )
+from mergekit_nan.errors import RecipeError
 from mergekit_nan.parameters import NanNorm
 
-__all__ = ["Weighting", "group_weighting", "uses_base"]
+__all__ = ["Weighting", "check_scale", "group_weighting", "uses_base"]
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,30 @@ class Weighting:
 
 def _label(group: TensorGroup) -> str:
     return repr(group.metadata.name) if group.metadata.name else "(unnamed tensor)"
+
+
+def check_scale(
+    group: TensorGroup, parameter: str, value: float, dtype: torch.dtype, *, nonzero: bool
+) -> None:
+    """Refuse a scale (``lambda``, a weight total) beyond ``dtype``'s range, or zero if ``nonzero``.
+
+    A zero weight total would silently give every model weight 0 (and make a
+    normalising method divide by zero); a value above the dtype's range would
+    turn the merged tensor into Inf. The message names the parameter and the tensor.
+    """
+    if nonzero and value == 0:
+        raise RecipeError(
+            f"{parameter} is 0 for tensor {_label(group)}: every model would get "
+            "weight 0 (a normalising method would divide by zero); give weights with "
+            "a non-zero sum, or none (the total is then 1)"
+        )
+    limit = torch.finfo(dtype).max
+    if not abs(value) <= limit:
+        raise RecipeError(
+            f"{parameter} = {value:g} overflows {str(dtype).replace('torch.', '')} "
+            f"(largest value {limit:g}) in tensor {_label(group)}; the merged tensor "
+            "would be Inf"
+        )
 
 
 def uses_base(group: TensorGroup, nan_norm: NanNorm) -> bool:

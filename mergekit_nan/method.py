@@ -32,8 +32,8 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.coefficients import accumulation_dtype
-from mergekit_nan.group import Weighting, group_weighting, uses_base
-from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, finite_float
+from mergekit_nan.group import Weighting, check_scale, group_weighting, uses_base
+from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
 
@@ -57,6 +57,7 @@ class NanMerge(GroupMergeMethod):
             ),
             NAN_EXPONENT,
             NAN_NORM,
+            NAN_GRANULARITY,
             ParameterSpec(
                 "lambda",
                 finite_float("lambda"),
@@ -78,6 +79,9 @@ class NanMerge(GroupMergeMethod):
     ) -> Weighting:
         """The alpha_i of ``group`` (bound parameters), with ``lambda`` as the scale."""
         prior: PerInputValues[float] = parameters["weight"]
+        if group.base is not None:
+            dtype = accumulation_dtype(group.base.tensor.dtype)
+            check_scale(group, "lambda", parameters["lambda"], dtype, nonzero=False)
         return group_weighting(
             group,
             group.non_base,

@@ -31,13 +31,13 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_nan.group import Weighting, group_weighting
-from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM
+from mergekit_nan.group import Weighting, check_scale, group_weighting
+from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 
 __all__ = ["COMPOSITE_SUFFIX", "NanCoefficients", "nan_coefficients", "takes_weight"]
 
 COMPOSITE_SUFFIX = "+nan"
-_NAN_PARAMETERS = (NAN_EXPONENT.name, NAN_NORM.name)
+_NAN_PARAMETERS = (NAN_EXPONENT.name, NAN_NORM.name, NAN_GRANULARITY.name)
 
 
 def takes_weight(method: MergeMethod) -> bool:
@@ -68,7 +68,7 @@ class NanCoefficients(GroupMergeMethod):
         )
         self.spec = MergeMethodSpec(
             name=inner.spec.name + COMPOSITE_SUFFIX,
-            parameters=parameters + (NAN_EXPONENT, NAN_NORM),
+            parameters=parameters + (NAN_EXPONENT, NAN_NORM, NAN_GRANULARITY),
             contract=inner.spec.contract,
             pretty_name=f"{inner.spec.pretty_name or inner.spec.name} with NAN coefficients",
             reference_url="https://arxiv.org/abs/2505.16148",
@@ -104,12 +104,14 @@ class NanCoefficients(GroupMergeMethod):
                 f"some models but not for {', '.join(missing)}; give every model a "
                 "weight (it sets the total) or none"
             )
+        total = sum(given) if given else 1.0
+        check_scale(group, "the weight total", total, inputs[0].tensor.dtype, nonzero=True)
         return group_weighting(
             group,
             inputs,
             nan_norm=nan_norm,
             exponent=parameters[NAN_EXPONENT.name],
-            scale=sum(given) if given else 1.0,
+            scale=total,
             scales_weights=True,
         )
 

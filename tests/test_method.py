@@ -12,6 +12,7 @@ from conftest import load_model_tensors, mergekit_command, run_mergekit_yaml
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
 
 import mergekit_nan  # noqa: F401  (registers the methods in this process)
+from mergekit_nan.errors import RecipeError
 
 
 def expected_merge(tuned, base=None, *, exponent=1.0, lam=1.0, prior=None, norm="auto"):
@@ -156,20 +157,23 @@ def test_delta_without_base_is_refused():
 
 
 @pytest.mark.parametrize(
-    "params, message",
+    "params, error, message",
     [
-        ({"nan_norm": "frobenius"}, "nan_norm must be one of auto, delta, weights"),
-        ({"nan_exponent": float("nan")}, "nan_exponent must be finite"),
-        ({"nan_exponent": float("inf")}, "nan_exponent must be finite"),
-        ({"lambda": float("inf")}, "lambda must be finite"),
-        ({"weight": [1.0, -1.0, 1.0]}, "weight must be non-negative"),
-        ({"weight": [0.0, 0.0, 0.0]}, "must be non-negative and not all zero"),
+        ({"nan_norm": "frobenius"}, RecipeError, "^nan_norm must be one of auto, delta, weights"),
+        ({"nan_exponent": float("nan")}, RecipeError, "^nan_exponent must be finite"),
+        ({"nan_exponent": float("inf")}, RecipeError, "^nan_exponent must be finite"),
+        ({"lambda": float("inf")}, RecipeError, "^lambda must be finite"),
+        ({"lambda": 1.0e300}, RecipeError, r"^lambda = 1e\+300 overflows float32.*'w'"),
+        ({"weight": [1.0, -1.0, 1.0]}, RecipeError, "^weight must be non-negative"),
+        ({"weight": [0.0, 0.0, 0.0]}, ValueError, "must be non-negative and not all zero.*'w'"),
     ],
 )
-def test_invalid_parameters(params, message):
+def test_invalid_parameters(params, error, message):
+    """Each message stands alone: no pydantic wrapper text before it."""
     base, tuned = group(9)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message) as raised:
         merge_tensors([base, *tuned], "nan", base_index=0, parameters=params, name="w")
+    assert "function-after" not in str(raised.value)
 
 
 def test_single_input_is_refused():

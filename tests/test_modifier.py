@@ -28,6 +28,7 @@ from mergekit.merge_methods import (
 )
 
 from mergekit_nan import modifiable_methods, nan_coefficients
+from mergekit_nan.errors import RecipeError
 from mergekit_nan.tiny import tiny_llama_config, write_family
 
 MODELS = ("a", "b", "c")
@@ -203,6 +204,25 @@ def test_only_a_base_tensor_passes_through_like_the_stock_method():
     assert torch.equal(merge_tensors([base], "task_arithmetic+nan", base_index=0), stock)
 
 
+@pytest.mark.parametrize("weights", [[0.0, 0.0, 0.0], [1.0, -1.0, 0.0]])
+def test_a_zero_weight_total_is_refused_instead_of_writing_nan(weights):
+    """Stock linear divides by the weight sum: a zero total would write NaN."""
+    models = {k: v for k, v in state_dicts(seed=6).items() if k != "base"}
+    with pytest.raises(RecipeError, match=r"weight total is 0 for tensor 'blk\.\w+\.w'"):
+        merge_state_dicts(models, "linear+nan", parameters={"weight": weights})
+
+
+def test_an_overflowing_weight_total_is_refused_naming_the_parameter():
+    models = state_dicts(seed=7)
+    with pytest.raises(RecipeError, match=r"weight total = 3e\+38 overflows float16"):
+        merge_state_dicts(
+            {k: {n: t.half() for n, t in sd.items()} for k, sd in models.items()},
+            "task_arithmetic+nan",
+            base="base",
+            parameters={"weight": [1.0e38, 1.0e38, 1.0e38]},
+        )
+
+
 def test_a_weight_on_some_models_only_is_refused_naming_tensor_and_models():
     models = state_dicts(seed=5)
     with pytest.raises(
@@ -239,7 +259,7 @@ def test_inner_contract_and_validation_are_kept():
         merge_state_dicts(without_base, "ties+nan", parameters={"density": 0.5})
     with pytest.raises(TypeError, match="Unknown parameter.*t"):
         merge_state_dicts(models, "ties+nan", base="base", parameters={"t": 0.5})
-    with pytest.raises(ValueError, match="nan_norm must be one of"):
+    with pytest.raises(RecipeError, match="^nan_norm must be one of"):
         merge_state_dicts(models, "ties+nan", base="base", parameters={"nan_norm": "both"})
 
 
