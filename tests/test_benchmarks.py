@@ -6,19 +6,23 @@ they never assert anything about speed or accuracy.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from types import ModuleType
+from typing import Dict, List, Sequence, Tuple
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PAIRS = ("nan vs linear", "ties+nan vs ties", "dare_ties+nan vs dare_ties")
 METHODS = ("nan", "linear", "ties+nan", "ties", "dare_ties+nan", "dare_ties")
+State = Dict[str, torch.Tensor]
 
 
 def _run(script: str, *args: str) -> str:
@@ -107,16 +111,134 @@ def test_quality_tiny(tmp_path: Path) -> None:
         "oracle (weight ~ data volume)",
         "nan (delta, p=1) [default]",
         "nan (weights, p=2)",
+        *(f"nan per {g} ({n}, p=1)" for g in ("layer", "model") for n in ("delta", "weights")),
         "ties+nan",
         "task arithmetic (uniform)",
     ):
         assert f"| {row} |" in stdout
+        if row != "task arithmetic (uniform)":
+            assert f"| {row} vs " in stdout  # a row of the paired table
     payload = json.loads(out.read_text())
     accuracies = [v for row in payload["accuracies"] for v in row["values"]]
     assert _finite(accuracies) and all(0.0 <= v <= 1.0 for v in accuracies)
     tasks = {row["task"] for row in payload["accuracies"]}
     assert tasks == {"digits", "wine", "breast_cancer", "iris"}
-    readings = {(r["experiment"], r["protocol"], r["nan_norm"]) for r in payload["spearman"]}
-    assert len(readings) == 8
+    readings = {
+        (r["experiment"], r["protocol"], r["granularity"], r["nan_norm"])
+        for r in payload["spearman"]
+    }
+    assert len(readings) == 2 * 2 * 3 * 2  # experiments x protocols x granularities x x_i
     rhos = [v for row in payload["spearman"] for v in row["values"]]
     assert all(-1.0 <= v <= 1.0 for v in rhos if math.isfinite(v))
+
+
+# The quality benchmark's grouped NAN (tensor / layer / model granularity).
+
+MLP_SHAPES = {"0.weight": (6, 5), "0.bias": (6,), "2.weight": (3, 6), "2.bias": (3,)}
+
+
+@pytest.fixture
+def quality_merges(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("quality_merges")
+
+
+def _states(
+    shapes: Dict[str, Tuple[int, ...]], scales: Sequence[float]
+) -> Tuple[State, List[State]]:
+    generator = torch.Generator().manual_seed(7)
+    base = {k: torch.randn(s, generator=generator) for k, s in shapes.items()}
+    models = [
+        {k: v + scale * torch.randn(v.shape, generator=generator) for k, v in base.items()}
+        for scale in scales
+    ]
+    return base, models
+
+
+def _reference(
+    base: State, models: Sequence[State], nan_norm: str, groups: Dict[str, List[str]]
+) -> State:
+    """float64: one inverse-norm coefficient per model and group, base + sum a_i (m_i - base)."""
+    merged = {}
+    for names in groups.values():
+        norms = []
+        for model in models:
+            squares = 0.0
+            for name in names:
+                x = model[name].double() - (base[name].double() if nan_norm == "delta" else 0.0)
+                squares += float((x * x).sum())
+            norms.append(math.sqrt(squares))
+        inverse = [1.0 / n for n in norms]
+        alphas = [i / sum(inverse) for i in inverse]
+        for name in names:
+            delta = sum(
+                a * (m[name].double() - base[name].double()) for a, m in zip(alphas, models)
+            )
+            merged[name] = base[name].double() + delta
+    return merged
+
+
+@pytest.mark.parametrize("nan_norm", ["delta", "weights"])
+def test_grouped_nan_tensor_granularity_is_the_nan_method(
+    quality_merges: ModuleType, nan_norm: str
+) -> None:
+    from mergekit.merge_methods.api import merge_state_dicts
+
+    base, models = _states(MLP_SHAPES, (0.1, 0.3, 1.0))
+    models[1]["2.bias"] = base["2.bias"].clone()  # one zero task vector
+    ours = quality_merges.grouped_nan_merge(base, models, nan_norm, "tensor")
+    inputs = {"base": base, **{f"m{i}": m for i, m in enumerate(models)}}
+    theirs = merge_state_dicts(inputs, "nan", parameters={"nan_norm": nan_norm}, base="base")
+    assert ours.keys() == theirs.keys()
+    for name in base:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+@pytest.mark.parametrize("nan_norm", ["delta", "weights"])
+def test_grouped_nan_matches_a_float64_reference(
+    quality_merges: ModuleType, granularity: str, nan_norm: str
+) -> None:
+    base, models = _states(MLP_SHAPES, (0.05, 0.5, 2.0))
+    groups = (
+        {"0": ["0.weight", "0.bias"], "2": ["2.weight", "2.bias"]}
+        if granularity == "layer"
+        else {"": list(MLP_SHAPES)}
+    )
+    expected = _reference(base, models, nan_norm, groups)
+    merged = quality_merges.grouped_nan_merge(base, models, nan_norm, granularity)
+    for name in base:
+        torch.testing.assert_close(merged[name].double(), expected[name], rtol=1e-5, atol=1e-6)
+    # Not the per-tensor merge: the group shares one coefficient per model.
+    tensor = quality_merges.grouped_nan_merge(base, models, nan_norm, "tensor")
+    assert not torch.allclose(merged["0.bias"], tensor["0.bias"], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("nan_norm", ["delta", "weights"])
+def test_grouped_nan_with_one_tensor_per_group_is_per_tensor(
+    quality_merges: ModuleType, nan_norm: str
+) -> None:
+    base, models = _states({"0.weight": (6, 5), "1.weight": (3, 6)}, (0.1, 1.0))
+    tensor = quality_merges.grouped_nan_merge(base, models, nan_norm, "tensor")
+    layer = quality_merges.grouped_nan_merge(base, models, nan_norm, "layer")
+    for name in base:  # bias-free Linear modules: one tensor per layer
+        assert torch.equal(layer[name], tensor[name])
+    single = {"0.weight": base["0.weight"]}
+    singles = [{"0.weight": m["0.weight"]} for m in models]
+    model = quality_merges.grouped_nan_merge(single, singles, nan_norm, "model")
+    assert torch.equal(model["0.weight"], tensor["0.weight"])
+    expected = quality_merges.summary_coefficients(single, singles, nan_norm, "tensor")
+    assert quality_merges.summary_coefficients(single, singles, nan_norm, "model") == expected
+
+
+def test_grouped_nan_keeps_untouched_tensors_and_rejects_unknown_granularity(
+    quality_merges: ModuleType,
+) -> None:
+    base, models = _states(MLP_SHAPES, (0.1, 1.0))
+    for model in models:
+        model["2.bias"] = base["2.bias"].clone()
+    merged = quality_merges.grouped_nan_merge(base, models, "delta", "model")
+    assert torch.equal(merged["2.bias"], base["2.bias"])
+    assert not torch.equal(merged["0.bias"], base["0.bias"])
+    with pytest.raises(ValueError, match="granularity must be one of tensor, layer, model"):
+        quality_merges.grouped_nan_merge(base, models, "delta", "block")
