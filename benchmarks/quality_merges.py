@@ -30,7 +30,11 @@ import torch
 from mergekit.merge_methods.api import merge_state_dicts
 
 import mergekit_nan  # noqa: F401  (registers nan and <method>+nan)
-from mergekit_nan.coefficients import coefficients_from_norms, frobenius_norms
+from mergekit_nan.coefficients import (
+    accumulation_dtype,
+    coefficients_from_norms,
+    frobenius_norms,
+)
 
 State = Dict[str, torch.Tensor]
 
@@ -120,7 +124,7 @@ def grouped_nan_merge(
     """base + sum_i alpha_i (theta_i - base) per tensor, alpha_i from the tensor's group.
 
     The arithmetic is the ``nan`` method's: (1 - sum c_i) base + sum c_i theta_i
-    in float32, with c_i = 0 where a task vector is exactly zero (so such a
+    in float32 (float64 for float64 inputs), with c_i = 0 where a task vector is exactly zero (so such a
     tensor is the base bit for bit); at ``tensor`` granularity the result is
     what ``merge_state_dicts(..., "nan")`` returns.
     """
@@ -134,7 +138,7 @@ def grouped_nan_merge(
                 if nan_norm == "delta":
                     zero = (reading.norms[k] == 0).tolist()
                     coefficients = [0.0 if z else c for z, c in zip(zero, coefficients)]
-                result = torch.zeros_like(base[name], dtype=torch.float32)
+                result = torch.zeros_like(base[name], dtype=accumulation_dtype(base[name].dtype))
                 result.add_(base[name], alpha=1.0 - math.fsum(coefficients))
                 for model, coefficient in zip(models, coefficients):
                     if coefficient != 0:
