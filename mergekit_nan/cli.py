@@ -41,17 +41,21 @@ def _reported(command: Callable) -> Callable:
     return run
 
 
+def _granularity_option() -> Callable:
+    return click.option(
+        "--granularity",
+        type=click.Choice(["tensor", "layer", "model"]),
+        default=None,
+        help="tensor: each tensor's own norms; layer: one coefficient per model per "
+        "transformer layer; model: one per model from whole-checkpoint norms  "
+        "[default: the recipe's nan_granularity, else tensor]",
+    )
+
+
 def _mergekit_options(command: Callable) -> Callable:
     """The mergekit options that matter for reading models and computing norms."""
     options = [
-        click.option(
-            "--granularity",
-            type=click.Choice(["tensor", "model"]),
-            default="tensor",
-            show_default=True,
-            help="tensor: the coefficients the merge uses; model: one per model "
-            "from whole-checkpoint norms",
-        ),
+        _granularity_option(),
         click.option("--device", default=None, help="Compute norms on this device (e.g. cuda:0)"),
         click.option("--cuda", is_flag=True, help="Compute norms on the GPU (--device cuda)"),
         click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
@@ -157,8 +161,8 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     """Write a stock mergekit recipe whose weights are CONFIG_FILE's NAN coefficients.
 
     The frozen recipe runs on plain mergekit (no plugin): per tensor weights
-    through conditional filters at --granularity tensor, one weight per model
-    at --granularity model.
+    through conditional filters at --granularity tensor and layer, one weight
+    per model at --granularity model.
     """
     from mergekit_nan.freeze import freeze_recipe, frozen_yaml
     from mergekit_nan.report import write_files
@@ -174,6 +178,82 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
         f"({inspection.granularity} granularity)"
     )
     click.echo(f"Run it with stock mergekit: mergekit-yaml {output} OUTPUT_DIR")
+
+
+@main.command("merge")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.argument("out_path", type=click.Path(file_okay=False))
+@click.option("--save-frozen", default=None, help="Also write the frozen stock recipe (YAML) here")
+@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)")
+@click.option(
+    "--out-shard-size", default="5B", show_default=True, help="Parameters per output shard"
+)
+@click.option(
+    "--lazy-unpickle/--no-lazy-unpickle",
+    default=False,
+    show_default=True,
+    help="mergekit's experimental lazy unpickler (less memory)",
+)
+@click.option(
+    "--copy-tokenizer/--no-copy-tokenizer",
+    default=True,
+    show_default=True,
+    help="Copy a tokenizer to the output",
+)
+@click.option(
+    "--write-model-card/--no-write-model-card",
+    default=True,
+    show_default=True,
+    help="Write README.md naming NAN, the granularity and the coefficients",
+)
+@_mergekit_options
+@_reported
+def merge_command(
+    config_file: str,
+    out_path: str,
+    save_frozen: Optional[str],
+    random_seed: Optional[int],
+    out_shard_size: str,
+    lazy_unpickle: bool,
+    copy_tokenizer: bool,
+    write_model_card: bool,
+    **arguments: Any,
+) -> None:
+    """Merge CONFIG_FILE into OUT_PATH with NAN coefficients at any granularity.
+
+    --granularity tensor is mergekit-yaml CONFIG_FILE OUT_PATH, bit for bit.
+    layer and model measure the norms in one streaming pass, freeze the
+    coefficients into a stock recipe and merge it with mergekit; nothing is
+    written before that pass succeeded.
+    """
+    from mergekit.common import parse_kmb
+
+    from mergekit_nan.inspect import load_recipe
+    from mergekit_nan.merge import merge_recipe
+
+    _check_writable(save_frozen)
+    options = _merge_options(arguments).model_copy(
+        update={
+            "random_seed": random_seed,
+            "out_shard_size": parse_kmb(out_shard_size),
+            "lazy_unpickle": lazy_unpickle,
+            "copy_tokenizer": copy_tokenizer,
+            "write_model_card": write_model_card,
+        }
+    )
+    source = Path(config_file).read_text(encoding="utf-8")
+    result = merge_recipe(
+        load_recipe(config_file),
+        out_path,
+        options,
+        granularity=arguments["granularity"],
+        config_source=source,
+        save_frozen=save_frozen,
+        source_name=os.path.basename(config_file),
+    )
+    if save_frozen:
+        click.echo(f"Wrote {save_frozen}")
+    click.echo(f"Merged {config_file} into {out_path} ({result.granularity} granularity)")
 
 
 @main.command("demo")

@@ -35,7 +35,7 @@ from mergekit_nan.inspect import Inspection
 
 __all__ = ["NAN_PARAMETERS", "freeze_recipe", "frozen_yaml"]
 
-NAN_PARAMETERS = ("nan_exponent", "nan_norm")
+NAN_PARAMETERS = ("nan_exponent", "nan_norm", "nan_granularity")
 """Parameters only the plugin understands; never present in a frozen recipe."""
 
 _Key = Tuple[str, int, ModelReference]

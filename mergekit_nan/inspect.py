@@ -11,19 +11,23 @@ alpha_i of :class:`~mergekit_nan.method.NanMerge` (with its ``lambda``), for
 ``<method>+nan`` the ``weight`` values :class:`~mergekit_nan.modifier.NanCoefficients`
 passes to the inner method (NAN ratios times the weight total).
 
-At ``granularity="model"`` the per-tensor norms are summed into one norm per
-model, ``||x_i|| = sqrt(sum_t ||x_i,t||^2)`` over every tensor NAN sees, and
-every tensor gets the ratios of those whole-model norms (same exponent, priors
-and scale as at ``tensor`` granularity).
+At ``granularity="layer"`` and ``"model"`` the per-tensor norms are pooled
+as :mod:`mergekit_nan.granularity` describes: one norm per model per output
+transformer layer, ``sqrt(sum_t ||x_i,t||^2)`` over the layer's tensors
+(embeddings, final norm and ``lm_head`` keep their per-tensor coefficients),
+or one per model over every tensor NAN sees. Every tensor then gets the
+ratios of its group's pooled norms, with its own exponent, priors and scale.
+The granularity comes from the argument, else the recipe's top-level
+``nan_granularity``, else ``tensor``; ``nan_granularity`` is removed from the
+configuration before planning.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import yaml
@@ -46,11 +50,16 @@ from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
-from typing_extensions import Literal
 
+from mergekit_nan.granularity import (
+    pooled_weightings,
+    resolve_granularity,
+    without_granularity,
+)
 from mergekit_nan.group import Weighting
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
+from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
 from mergekit_nan.registration import modifiable_methods, register_methods
 
 __all__ = [
@@ -58,12 +67,12 @@ __all__ = [
     "Granularity",
     "Inspection",
     "TensorCoefficients",
+    "require_nan_recipe",
     "inspect_recipe",
     "load_recipe",
 ]
 
-Granularity = Literal["tensor", "model"]
-GRANULARITIES = ("tensor", "model")
+GRANULARITIES = NAN_GRANULARITIES
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,9 @@ class Inspection:
 
     ``config`` is the recipe as mergekit normalises it (``modules`` of
     ``slices``), which ``tensors[i].module``/``slice_index`` refer to.
-    ``model_norms`` holds the whole-model norms at ``model`` granularity.
+    ``model_norms`` holds the whole-model norms at ``model`` granularity,
+    ``layer_norms`` the pooled norms per ``(module, layer)`` at ``layer``
+    granularity; ``tensors[i].norms`` are always the tensor's own norms.
     ``skipped`` names tensors the merge copies without NAN (non-float buffers,
     optional tensors passed through).
     """
@@ -109,6 +120,7 @@ class Inspection:
     tensors: Tuple[TensorCoefficients, ...]
     config: MergeConfiguration
     model_norms: Optional[Dict[ModelReference, float]] = None
+    layer_norms: Optional[Dict[Tuple[str, int], Dict[ModelReference, float]]] = None
     skipped: Tuple[str, ...] = ()
 
 
@@ -154,6 +166,12 @@ def _check_models(config: MergeConfiguration) -> None:
                 raise FileNotFoundError(f"model {model} not found: no such directory {part.path}")
 
 
+def require_nan_recipe(config: MergeConfiguration) -> None:
+    """Refuse a recipe without a NAN method, or with local models that do not exist."""
+    _check_method(config.merge_method)
+    _check_models(config)
+
+
 def _kind(name: str, layer: Optional[int]) -> str:
     if layer is not None:
         marker = f".{layer}."
@@ -164,6 +182,9 @@ def _kind(name: str, layer: Optional[int]) -> str:
 
 class _RecordingPlanner(MergePlanner):
     """mergekit's planner, noting the module, slice and layer of each tensor."""
+
+    # The stock commands' recipe guard stays out of mergekit-nan's own planning.
+    _mergekit_nan_unguarded = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -280,22 +301,17 @@ class _CoefficientTask(Task[Optional[Weighting]]):
         return method.weighting(group, parameters)
 
 
-def _model_norms(measured: Sequence[Weighting]) -> Dict[ModelReference, float]:
-    squares: Dict[ModelReference, float] = {}
-    for item in measured:
-        for model, norm in zip(item.models, item.norms):
-            squares[model] = squares.get(model, 0.0) + norm * norm
-    return {model: math.sqrt(value) for model, value in squares.items()}
-
-
 def inspect_recipe(
     config: MergeConfiguration,
     *,
-    granularity: Granularity = "tensor",
+    granularity: Optional[Granularity] = None,
     options: Optional[MergeOptions] = None,
 ) -> Inspection:
     """Compute the NAN coefficients of every tensor ``config`` merges.
 
+    ``granularity`` None means the recipe's ``nan_granularity``, else
+    ``tensor``; a misplaced or unknown ``nan_granularity`` is a
+    :class:`~mergekit_nan.errors.RecipeError`.
     ``options`` are mergekit's (``device``, ``lora_merge_cache``,
     ``transformers_cache``, ``trust_remote_code``, ``allow_crimes``,
     ``quiet``); LoRA references are merged the way mergekit merges them, into
@@ -304,11 +320,9 @@ def inspect_recipe(
     non-finite tensors, and ``FileNotFoundError`` for missing local models;
     messages name the tensor and the model.
     """
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {', '.join(GRANULARITIES)}")
-    _check_method(config.merge_method)
-    _check_models(config)
-    config = config.model_copy(deep=True)
+    granularity = resolve_granularity(config, granularity)
+    require_nan_recipe(config)
+    config = without_granularity(config)
     options = options or MergeOptions()
     with tempfile.TemporaryDirectory(prefix="mergekit-nan-lora-") as lora_dir:
         temporary = options.lora_merge_cache is None
@@ -345,10 +359,11 @@ def inspect_recipe(
                         loaders.loaders.pop(model, None)
     measured = [results[task] for task in tasks]
     kept = [(p, m, t) for p, m, t in zip(planner.placements, measured, planned) if m is not None]
-    norms = _model_norms([m for _, m, _ in kept]) if granularity == "model" else None
+    used_weightings, pooled = pooled_weightings(
+        [(_group_key(placement), item) for placement, item, _ in kept], granularity
+    )
     rows = []
-    for placement, item, target in kept:
-        used = item if norms is None else item.with_norms([norms[m] for m in item.models])
+    for (placement, item, target), used in zip(kept, used_weightings):
         weight_info, merge = target
         position = {model: i for i, model in enumerate(merge.model_order)}
         rows.append(
@@ -378,11 +393,18 @@ def inspect_recipe(
         models=tuple(order),
         tensors=tuple(rows),
         config=planner.config,
-        model_norms=norms,
+        model_norms=pooled.get(None) if granularity == "model" else None,
+        layer_norms={k: v for k, v in pooled.items() if k is not None}
+        if granularity == "layer"
+        else None,
         skipped=tuple(
             weight_info.name for (weight_info, _), m in zip(planned, measured) if m is None
         ),
     )
+
+
+def _group_key(placement: _Placement) -> Optional[Tuple[str, int]]:
+    return None if placement.layer is None else (placement.module, placement.layer)
 
 
 def _inner_name(method, config: MergeConfiguration) -> str:

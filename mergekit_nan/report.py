@@ -123,7 +123,11 @@ def format_table(inspection: Inspection, *, all_tensors: bool = False) -> str:
 
 
 def to_json(inspection: Inspection) -> Dict[str, Any]:
-    """A JSON-ready dict: recipe facts, whole-model norms and every tensor's coefficients."""
+    """A JSON-ready dict: recipe facts, pooled norms and every tensor's coefficients.
+
+    ``model_norms`` (model granularity) maps models to whole-model norms;
+    ``layer_norms`` (layer granularity) lists each output layer's pooled norms.
+    """
     return {
         "merge_method": inspection.merge_method,
         "stock_method": inspection.inner_method,
@@ -135,6 +139,12 @@ def to_json(inspection: Inspection) -> Dict[str, Any]:
         "model_norms": None
         if inspection.model_norms is None
         else {str(m): norm for m, norm in inspection.model_norms.items()},
+        "layer_norms": None
+        if inspection.layer_norms is None
+        else [
+            {"module": module, "layer": layer, "norms": {str(m): n for m, n in norms.items()}}
+            for (module, layer), norms in inspection.layer_norms.items()
+        ],
         "skipped": list(inspection.skipped),
         "tensors": [
             {
