@@ -85,10 +85,14 @@ def involves_nan(data: Mapping[str, Any]) -> bool:
 
 
 def _method(data: Mapping[str, Any]) -> Optional[MergeMethod]:
+    """The recipe's merge method, None when it names none that is registered."""
     register_methods()
+    name = data.get("merge_method")
+    if not isinstance(name, str):
+        return None
     try:
-        return merge_methods.get(data.get("merge_method"))
-    except (RuntimeError, TypeError):
+        return merge_methods.get(name)
+    except RuntimeError:
         return None
 
 
@@ -180,7 +184,10 @@ def _group_weights(
 
 
 def _combined_findings(
-    data: Mapping[str, Any], method: MergeMethod, rule: Optional[WeightRule], limit
+    data: Mapping[str, Any],
+    method: MergeMethod,
+    rule: Optional[WeightRule],
+    limit: Optional[Limit],
 ) -> Iterator[Finding]:
     """Checks of values together, for parameters set by plain values only."""
     varying = varying_parameters(data)

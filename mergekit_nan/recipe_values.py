@@ -190,7 +190,7 @@ def _consequence(inner: MergeMethod, all_zero: bool) -> str:
         )
     if name == "nuslerp":
         return "nuslerp then ignores the weights and interpolates half-way (t = 0.5)"
-    return f"{name} divides by that sum: the merged tensors would be NaN"
+    return f"{name} divides by that sum: the merged tensors would be NaN or Inf"
 
 
 def _models(names: Sequence[str]) -> str:

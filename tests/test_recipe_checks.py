@@ -192,6 +192,14 @@ parameters: {{t: 0.5, nan_norm: delta}}
     assert "ties+nan" in finding.fix
 
 
+def test_a_recipe_without_a_method():
+    findings = recipe_findings({"models": [{"model": FT0}]})
+    assert [(f.level, f.code, f.where) for f in findings] == [
+        ("error", "unknown-method", "merge_method")
+    ]
+    assert findings[0].message == "the recipe names no merge_method: mergekit would fail"
+
+
 @pytest.mark.parametrize(
     "method, message, fix",
     [
@@ -274,7 +282,7 @@ def test_a_zero_weight_total_on_linear_is_an_error_because_linear_writes_nan():
     assert (finding.level, finding.where) == ("error", "models")
     assert finding.message == (
         f"the weights of {FT0}, {FT1}, {FT2} sum to 0, and linear divides by that sum: "
-        "the merged tensors would be NaN"
+        "the merged tensors would be NaN or Inf"
     )
     # What the message claims, checked on mergekit's own linear kernel.
     tensors = [torch.randn(4, 3) for _ in range(3)]
@@ -501,7 +509,7 @@ def test_a_filter_that_zeroes_some_tensors_is_caught_on_the_plan(family):
     assert (finding.level, finding.where, finding.tensor) == ("error", "weight", first)
     assert finding.message == (
         f"the weights of {ft0}, {ft1} sum to 0, and linear divides by that sum: the merged "
-        f"tensors would be NaN (resolved per tensor: {len(mlp)} of "
+        f"tensors would be NaN or Inf (resolved per tensor: {len(mlp)} of "
         f"{len(planner._tensors)} tensors, first {first})"
     )
 
