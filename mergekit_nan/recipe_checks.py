@@ -211,7 +211,9 @@ def _combined_findings(
             value = scope.parameters.get(NAN_NORM.name)
             if value is not None:
                 if value == "delta" and group.base is None:
-                    baseless.setdefault(f"{scope.where}.{NAN_NORM.name}", []).append(group.where)
+                    models = ", ".join(member.model for member in group.members)
+                    place = f"{group.where} ({models})"
+                    baseless.setdefault(f"{scope.where}.{NAN_NORM.name}", []).append(place)
                 break
     for where, places in baseless.items():
         yield _delta_without_base(places).at(where)
@@ -221,8 +223,8 @@ def _delta_without_base(places: Sequence[str]) -> Problem:
     return Problem(
         "error",
         "delta-without-base",
-        "nan_norm: delta takes task vectors theta_i - theta_base, which need a base "
-        f"model, but there is none for {', '.join(places)}: the merge would fail",
+        "nan_norm: delta needs a base model (it takes task vectors theta_i - theta_base), "
+        f"but there is none for {'; '.join(places)}: the merge would fail",
         "set base_model (for the recipe or the slice), or use nan_norm: weights (or auto)",
     )
 

@@ -429,7 +429,10 @@ parameters:
 """)
     finding = only(recipe_findings(data), "delta-without-base")
     assert (finding.level, finding.where) == ("error", "parameters.nan_norm")
-    assert "there is none for slices[0].sources:" in finding.message
+    assert finding.message == (
+        "nan_norm: delta needs a base model (it takes task vectors theta_i - theta_base), "
+        f"but there is none for slices[0].sources ({FT0}, {FT1}): the merge would fail"
+    )
     data["base_model"] = BASE
     assert recipe_findings(data) == []
 
