@@ -1,4 +1,4 @@
-"""``mergekit-nan``: inspect, plot and freeze NAN coefficients; run the demo.
+"""``mergekit-nan``: inspect, plot and freeze NAN coefficients; check any recipe; run the demo.
 
 Errors end the command with one line on stderr and exit status 1, before any
 output file is touched (``-v`` shows the traceback instead).
@@ -96,9 +96,26 @@ def _check_writable(*paths: Optional[str]) -> None:
             raise IsADirectoryError(f"output {path} is a directory")
 
 
+def _preflight(config_file: str, arguments: Dict[str, Any]) -> None:
+    """Run ``check`` first: warnings go to stderr; the first error stops the command (exit 1)."""
+    from mergekit_nan.check import check_recipe
+
+    report = check_recipe(config_file, options=_merge_options(arguments))
+    if report.errors:
+        first = report.errors[0]
+        text = first.line()[len("error: ") :]
+        more = len(report.errors) - 1
+        if more:
+            text += f" (and {more} more: mergekit-nan check {config_file} lists them)"
+        raise click.ClickException(text)
+    for line in report.lines(levels=("warning",)):
+        click.echo(line, err=True)
+
+
 def _inspect(config_file: str, arguments: Dict[str, Any]):
     from mergekit_nan.inspect import inspect_recipe, load_recipe
 
+    _preflight(config_file, arguments)
     config = load_recipe(config_file)
     return inspect_recipe(
         config, granularity=arguments["granularity"], options=_merge_options(arguments)
@@ -178,6 +195,59 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
         f"({inspection.granularity} granularity)"
     )
     click.echo(f"Run it with stock mergekit: mergekit-yaml {output} OUTPUT_DIR")
+
+
+@main.command("check")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@click.option("--strict", is_flag=True, help="Exit with status 1 on warnings too")
+@click.option("--json", "json_file", default=None, help="Write every finding and the estimate here")
+@click.option(
+    "--out-path",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where the merge will write: check the free disk space there",
+)
+@click.option("--transformers-cache", default=None, help="Hugging Face cache directory")
+@click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)")
+@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks")
+@_reported
+def check_command(
+    config_file: str,
+    strict: bool,
+    json_file: Optional[str],
+    out_path: Optional[str],
+    transformers_cache: Optional[str],
+    trust_remote_code: bool,
+    verbose: bool,
+) -> None:
+    """Check any mergekit recipe (NAN or not) without reading tensor data.
+
+    Finds missing models, architecture, shape, vocabulary and dtype
+    mismatches, parameter mistakes and what mergekit's planner rejects, and
+    estimates the job (bytes read and written, peak memory, free disk at
+    --out-path). Exit status 1 on errors (with --strict, on warnings too).
+    """
+    import json
+
+    from mergekit.options import MergeOptions
+
+    from mergekit_nan.check import check_recipe
+    from mergekit_nan.report import write_files
+
+    _check_writable(json_file)
+    options = MergeOptions(
+        transformers_cache=transformers_cache, trust_remote_code=trust_remote_code
+    )
+    report = check_recipe(config_file, out_path=out_path, options=options)
+    if json_file:
+        text = json.dumps(report.to_json(), indent=2)
+        write_files({json_file: lambda path: Path(path).write_text(text, encoding="utf-8")})
+    click.echo(report.render())
+    if json_file:
+        click.echo(f"Wrote {json_file}")
+    code = report.exit_code(strict=strict)
+    if code:
+        raise SystemExit(code)
 
 
 @main.command("merge")
