@@ -26,6 +26,14 @@ def family(tmp_path_factory) -> List[Path]:
     return write_family(tmp_path_factory.mktemp("family"), (0.01, 0.02, 0.04), seed=0)
 
 
+@pytest.fixture(scope="session")
+def tiny_families(tmp_path_factory):
+    """Tiny random checkpoints of several architectures (``compat_models``), built on use."""
+    from compat_models import Families
+
+    return Families(tmp_path_factory.mktemp("families"))
+
+
 def mergekit_command(name: str) -> str:
     """The console script installed next to this interpreter (the stock command)."""
     path = Path(sys.executable).parent / name
@@ -36,9 +44,13 @@ def mergekit_command(name: str) -> str:
 
 
 def run_mergekit_yaml(
-    config: Dict, out: Path, *extra: str, check: bool = True
+    config: Dict, out: Path, *extra: str, check: bool = True, copy_tokenizer: bool = False
 ) -> subprocess.CompletedProcess:
-    """Write ``config`` next to ``out`` and run the stock ``mergekit-yaml`` on it."""
+    """Write ``config`` next to ``out`` and run the stock ``mergekit-yaml`` on it.
+
+    The tiny fixtures have no tokenizer, so ``--no-copy-tokenizer`` is passed
+    unless ``copy_tokenizer``.
+    """
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path = out.parent / f"{out.name}.yml"
     config_path.write_text(yaml.safe_dump(config))
@@ -48,7 +60,7 @@ def run_mergekit_yaml(
             mergekit_command("mergekit-yaml"),
             str(config_path),
             str(out),
-            "--no-copy-tokenizer",
+            *(() if copy_tokenizer else ("--no-copy-tokenizer",)),
             *extra,
         ],
         capture_output=True,

@@ -1,0 +1,176 @@
+"""Compatibility matrix: architectures x methods x dtypes through the stock ``mergekit-yaml``.
+
+Seven architectures (``compat_models.ARCHITECTURES``) each merge with ``nan``,
+``ties+nan`` and ``dare_ties+nan``; the dtypes rotate over the cells (a Latin
+square), so every architecture runs in float32, bfloat16 and float16 and every
+method in every dtype. Inputs are stored in the cell's dtype. Every output
+tensor is compared with an independent computation:
+
+- ``nan``: the float64 formula (``test_method.expected_merge``) on the inputs
+  upcast to float64. The plugin computes in float32 and rounds to the output
+  dtype once, so the admissible error is that rounding: 1e-6 in float32 (a few
+  float32 ulps), ``finfo(dtype).eps`` in half precision (twice the bound of
+  one final rounding, eps / 2, relative to the tensor's largest entry).
+- ``ties+nan``: stock ``ties`` on the same inputs given float64 NAN weights
+  (``test_modifier.nan_weights``). Stock ties computes in the input dtype, so
+  the reference does too; the composite's coefficients are float32, so the
+  admissible error is a weight differing in its last bit: 2e-6 in float32,
+  ``finfo(dtype).eps`` in half precision.
+- ``dare_ties+nan`` with ``--random-seed``: stock ``dare_ties`` merged in this
+  process with the same seed and float64 NAN weights given per tensor through
+  filters; the DARE masks must be identical. Same tolerances as ties.
+
+Each cell records and prints its max relative error (``pytest -s``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+from compat_models import ARCHITECTURES, BackgroundRuns, Family, selected_params
+from conftest import load_model_tensors, run_mergekit_yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.merge_methods import merge_tensors
+from mergekit.options import MergeOptions
+from test_method import expected_merge
+from test_modifier import nan_weights, relative_error, report
+
+METHODS = ("nan", "ties+nan", "dare_ties+nan")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DENSITY = 0.5
+SEED = 7
+
+
+@dataclass(frozen=True)
+class Cell:
+    arch: str
+    method: str
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.arch}-{self.method}-{self.dtype}"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def tolerance(self) -> float:
+        if self.dtype != "float32":
+            return torch.finfo(self.torch_dtype).eps
+        return 1e-6 if self.method == "nan" else 2e-6
+
+
+CELLS = [
+    Cell(arch, method, list(DTYPES)[(i + j) % len(DTYPES)])
+    for i, arch in enumerate(ARCHITECTURES)
+    for j, method in enumerate(METHODS)
+]
+
+
+def recipe(method: str, family: Family, dtype: str, weights=None) -> Dict:
+    """``method`` on the family; ``weights[i]`` is fine-tune i's ``weight`` setting."""
+    models = [{"model": str(p)} for p in family.tuned]
+    if weights is not None:
+        for model, setting in zip(models, weights):
+            model["parameters"] = {"weight": setting}
+    return {
+        "merge_method": method,
+        "base_model": str(family.base),
+        "models": models,
+        "parameters": {} if method == "nan" else {"density": DENSITY},
+        "dtype": dtype,
+    }
+
+
+def seed_arguments(method: str) -> List[str]:
+    return ["--random-seed", str(SEED)] if method.startswith("dare") else []
+
+
+@pytest.fixture(scope="module")
+def matrix(request, tiny_families, tmp_path_factory):
+    """Starts the mergekit-yaml run of every selected cell; yields (runs, output root)."""
+    root = tmp_path_factory.mktemp("matrix")
+    runs = BackgroundRuns()
+    for cell in selected_params(request, "cell"):
+        family = tiny_families.get(cell.arch, cell.torch_dtype)
+        config = recipe(cell.method, family, cell.dtype)
+        out = root / str(cell)
+        extra = seed_arguments(cell.method)
+        runs.start(str(cell), lambda c=config, o=out, e=extra: run_mergekit_yaml(c, o, *e))
+    yield runs, root
+    runs.close()
+
+
+def stock_dare_ties(family: Family, dtype: str, out: Path) -> Dict[str, torch.Tensor]:
+    """Stock dare_ties in this process, same seed, float64 NAN weights set per tensor."""
+    base, *tuned = (load_model_tensors(p) for p in family.paths)
+    names = sorted(base)
+    # a filter matches by substring: no tensor name may contain another
+    assert not [a for a in names for b in names if a != b and a in b]
+    settings: List[list] = [[] for _ in tuned]
+    for name in names:
+        for setting, weight in zip(settings, nan_weights([m[name] for m in tuned], base[name])):
+            setting.append({"filter": name, "value": weight})
+    config = MergeConfiguration.model_validate(recipe("dare_ties", family, dtype, settings))
+    options = MergeOptions(
+        random_seed=SEED, copy_tokenizer=False, write_model_card=False, quiet=True
+    )
+    run_merge(config, str(out), options=options)
+    return load_model_tensors(out)
+
+
+def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.Tensor]:
+    base, *tuned = (load_model_tensors(p) for p in family.paths)
+    if cell.method == "dare_ties+nan":
+        return stock_dare_ties(family, cell.dtype, out)
+    expected = {}
+    for name, tensor in base.items():
+        others = [m[name] for m in tuned]
+        if cell.method == "nan":
+            expected[name] = expected_merge(others, tensor)
+        else:
+            expected[name] = merge_tensors(
+                [tensor, *others],
+                "ties",
+                base_index=0,
+                parameters={"weight": nan_weights(others, tensor), "density": DENSITY},
+            )
+    return expected
+
+
+@pytest.mark.parametrize("cell", CELLS, ids=str)
+def test_matrix_cell(cell, matrix, tiny_families, tmp_path, record_property):
+    runs, root = matrix
+    runs.result(str(cell))
+    family = tiny_families.get(cell.arch, cell.torch_dtype)
+    out = root / str(cell)
+    merged = load_model_tensors(out)
+    base = load_model_tensors(family.base)
+    # exactly the checkpoint's tensors: tied models get no lm_head
+    assert set(merged) == set(base)
+    assert {t.dtype for t in merged.values()} == {cell.torch_dtype}
+    config = json.loads((out / "config.json").read_text())
+    source = json.loads((family.base / "config.json").read_text())
+    assert config["architectures"] == source["architectures"]
+
+    expected = expected_tensors(cell, family, tmp_path / "stock")
+    if cell.method == "dare_ties+nan":
+        moved = {name: tensor != base[name] for name, tensor in merged.items()}
+        for name, mask in moved.items():
+            assert torch.equal(mask, expected[name] != base[name]), (
+                f"different DARE masks in {name}"
+            )
+        # DARE did drop: an entry stays at the base when all three deltas are dropped (1/8)
+        total = sum(mask.numel() for mask in moved.values())
+        assert 0.05 < 1 - sum(int(mask.sum()) for mask in moved.values()) / total < 0.3
+    errors = {name: relative_error(tensor, expected[name]) for name, tensor in merged.items()}
+    worst = max(errors, key=errors.get)
+    report(f"{cell} ({len(merged)} tensors, worst {worst})", errors[worst], record_property)
+    assert errors[worst] < cell.tolerance, worst
