@@ -108,16 +108,23 @@ def _documents(source: Union[str, os.PathLike[str], Mapping[str, Any]]) -> List[
 
 
 @contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Hugging Face hub offline mode (what transformers consults) for the duration."""
+def _offline(cache_dir: Optional[str]) -> Iterator[None]:
+    """Hugging Face hub offline mode, in ``cache_dir`` if given, for the duration.
+
+    transformers reads both settings from ``huggingface_hub.constants`` on each
+    call; mergekit reads configs without a cache directory, so ``cache_dir``
+    becomes the default cache while planning.
+    """
     from huggingface_hub import constants
 
-    previous = constants.HF_HUB_OFFLINE
+    previous = constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE
     constants.HF_HUB_OFFLINE = True
+    if cache_dir is not None:
+        constants.HF_HUB_CACHE = cache_dir
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = previous
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_CACHE = previous
 
 
 @contextlib.contextmanager
@@ -169,7 +176,7 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     register_methods()
     options = options.model_copy(update={"allow_crimes": True})
     config = config.model_copy(deep=True)
-    with _offline(), _header_loaders(models):
+    with _offline(options.transformers_cache), _header_loaders(models):
         arch_info = get_architecture_info(config, options)
         planner = MergePlanner(
             config,

@@ -141,7 +141,8 @@ def test_model_in_hugging_face_cache_is_found_offline(family, tmp_path):
     from mergekit.options import MergeOptions
 
     report = check_recipe(recipe, options=MergeOptions(transformers_cache=str(tmp_path / "hub")))
-    assert not any(f.code == "model-not-found" for f in report.findings)
+    assert codes(report) == []  # found, and planned from the cache
+    assert report.estimate.output_tensors == len(stored(family[0]))
     expected = sum(
         nbytes(*v) for m in (family[0], family[2], family[1]) for v in stored(m).values()
     )
