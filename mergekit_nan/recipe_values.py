@@ -108,7 +108,7 @@ def number(value: Any) -> Optional[float]:
         try:
             return float(value)
         except OverflowError:
-            return math.copysign(math.inf, value)
+            return math.inf if value > 0 else -math.inf  # an integer beyond the float range
         except ValueError:
             return None
     return None
@@ -362,7 +362,8 @@ def _zero_total(rule: WeightRule, names: str, total: float, all_zero: bool) -> P
             "NAN's estimate, so no model is left to merge and the merge would fail",
             "give at least one model a positive weight, or remove the weights (default 1.0)",
         )
-    sums = f"the weights of {names} sum to {total:g}"
+    practically = "" if total == 0 else " (practically 0)"
+    sums = f"the weights of {names} sum to {total:g}{practically}"
     if rule.role == "total":
         return Problem(
             "error",

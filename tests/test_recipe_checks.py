@@ -8,6 +8,8 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mergekit.architecture import get_architecture_info
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
@@ -288,6 +290,11 @@ def test_a_zero_weight_total_on_linear_is_an_error_because_linear_writes_nan():
     tensors = [torch.randn(4, 3) for _ in range(3)]
     merged = merge_tensors(tensors, "linear", parameters={"weight": [1.0, -0.25, -0.75]})
     assert not torch.isfinite(merged).any()
+    # A sum that is zero up to rounding in the recipe is exactly zero in float32.
+    rounded = only(recipe_findings(_models([0.1, 0.2, -0.3])), "zero-weight-total")
+    assert "sum to 2.77556e-17 (practically 0)" in rounded.message
+    merged = merge_tensors(tensors, "linear", parameters={"weight": [0.1, 0.2, -0.3]})
+    assert not torch.isfinite(merged).any()
     # Without normalisation the same weights are a legitimate difference.
     assert recipe_findings(_models([1.0, -0.25, -0.75], normalize=False)) == []
 
@@ -459,6 +466,49 @@ def test_granularity_belongs_in_the_top_level_parameters():
     assert only(recipe_findings(gradient), "granularity-placement").level == "error"
     wrong = only(recipe_findings(_models([None], "nan", nan_granularity="layers")), "invalid-value")
     assert wrong.fix == "did you mean `layer`?"
+
+
+SCALARS = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.booleans(),
+    st.sampled_from(["delta", "weights", "1e400", "nan", "layer", "", "x"]),
+)
+SETTINGS = st.one_of(
+    SCALARS,
+    st.lists(SCALARS, max_size=3),
+    st.lists(st.fixed_dictionaries({"value": SCALARS}, optional={"filter": st.text()}), max_size=2),
+)
+PARAMETERS = st.dictionaries(
+    st.sampled_from(["weight", "lambda", "normalize", "nan_norm", "nan_granularity", "nan_x", "t"]),
+    SETTINGS,
+    max_size=3,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    method=st.sampled_from(["nan", "ties+nan", "linear+nan", "linear", "ties", "nuslerp", "slerp"]),
+    top=PARAMETERS,
+    per_model=st.lists(PARAMETERS, min_size=1, max_size=3),
+    dtype=st.sampled_from([None, "float16", "bfloat16", "float32", "int64", "bogus"]),
+    base=st.booleans(),
+)
+def test_any_recipe_gives_findings_and_never_raises(method, top, per_model, dtype, base):
+    data: Dict = {
+        "merge_method": method,
+        "models": [{"model": f"org/m{i}", "parameters": p} for i, p in enumerate(per_model)],
+        "parameters": top,
+    }
+    if base:
+        data["base_model"] = "org/m0"
+    if dtype:
+        data["dtype"] = dtype
+    findings = recipe_findings(data)
+    assert all(isinstance(f, Finding) and f.message and f.where for f in findings)
+    assert involves_nan(data) == (
+        method.endswith("nan") or any(k.startswith("nan_") for p in [top, *per_model] for k in p)
+    )
 
 
 # ----------------------------------------------------------------- planned values
