@@ -5,8 +5,8 @@ for a 70B recipe. Per recipe document it collects:
 
 1. the recipe's own findings (:func:`mergekit_nan.recipe_checks.recipe_findings`);
 2. the models' findings (:mod:`mergekit_nan.model_checks`, from
-   :mod:`mergekit_nan.model_files`): found offline,
-   complete, same architecture, vocabulary and dtype;
+   :mod:`mergekit_nan.model_files`): found offline, complete, same
+   architecture, vocabulary and dtype;
 3. mergekit's plan: the stock planner (``MergePlanner._plan``) run with
    loaders built from the safetensors headers and with the Hugging Face hub
    in offline mode, so planning reads ``config.json``, index files and
@@ -19,8 +19,9 @@ for a 70B recipe. Per recipe document it collects:
 
 A multi-document recipe (``mergekit-multi``) is checked document by
 document; ``where`` then starts with the stage's ``name`` (``final`` for the
-unnamed one). A stage that merges an earlier stage's output is not planned
-(that model does not exist yet): an ``info`` finding says so.
+unnamed one) and a colon, e.g. ``first:models[1].model``. A stage that merges
+an earlier stage's output is not planned (that model does not exist yet): an
+``info`` finding says so.
 """
 
 from __future__ import annotations
@@ -284,6 +285,7 @@ def _check_document(
     options: MergeOptions,
 ) -> Tuple[List[Finding], Optional[Estimate]]:
     from mergekit.config import MergeConfiguration
+    from pydantic import ValidationError
 
     from mergekit_nan.recipe_checks import recipe_findings
 
@@ -294,6 +296,12 @@ def _check_document(
         findings.append(_invalid(_one_line(error)))
     try:
         config = MergeConfiguration.model_validate(dict(data))
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'recipe'}: {e['msg']}"
+            for e in error.errors()
+        )
+        return findings + [_invalid(problems)], None
     except Exception as error:
         return findings + [_invalid(_one_line(error))], None
     models = collect_models(data, cache_dir=options.transformers_cache, produced=produced)
@@ -318,7 +326,7 @@ def _check_document(
 def _in_stage(finding: Finding, stage: Optional[str]) -> Finding:
     if stage is None:
         return finding
-    where = f"{stage}:{finding.where}" if finding.where else f"{stage}:"
+    where = f"{stage}:{finding.where}" if finding.where else stage
     return dataclasses.replace(finding, where=where)
 
 

@@ -83,7 +83,8 @@ class Estimate:
         stored = "/".join(self.stored_dtypes) or "unknown dtype"
         conversion = f", computed in {self.compute_dtype}" if self.compute_dtype else ""
         parts = [
-            f"reads {format_bytes(self.read_bytes)} from {self.models} models "
+            f"reads {format_bytes(self.read_bytes)} from {self.models} "
+            f"model{'' if self.models == 1 else 's'} "
             f"({stored} on disk{conversion})"
         ]
         if self.output_bytes is not None:
