@@ -1,0 +1,112 @@
+"""CUDA: the same norms, coefficients and merges as on the CPU.
+
+Marked ``cuda`` and skipped when torch sees no GPU, so CI never needs one.
+Norms and coefficients are accumulated in float32 on both devices (only the
+order of the additions differs), so they must agree within 1e-6 for float32,
+bfloat16 and float16 inputs. Merges through the stock ``mergekit-yaml --cuda``
+and ``mergekit-nan inspect --cuda`` must give the CPU results within float32
+rounding.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from conftest import load_model_tensors, run_mergekit_yaml
+
+from mergekit_nan.cli import main
+from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, frobenius_norms, tensor_coefficients
+
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+SHAPE = (513, 601)
+"""More elements than one norm chunk, and not a whole number of norm rows."""
+assert SHAPE[0] * SHAPE[1] > NORM_CHUNK_ELEMENTS
+
+
+def inputs(dtype: torch.dtype, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(SHAPE, generator=generator)
+    tuned = [base + s * torch.randn(SHAPE, generator=generator) for s in (0.003, 0.01, 0.04)]
+    return base.to(dtype), [t.to(dtype) for t in tuned]
+
+
+def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float(((a - b).abs() / b.abs()).max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("with_base", [True, False], ids=["delta", "weights"])
+def test_norms_on_cuda_equal_cpu(dtype, with_base):
+    base, tuned = inputs(dtype)
+    base = base if with_base else None
+    cpu = frobenius_norms(tuned, base)
+    cuda = frobenius_norms([t.cuda() for t in tuned], None if base is None else base.cuda())
+    assert cuda.device.type == "cuda"
+    assert cpu.dtype == cuda.dtype == torch.float32
+    assert relative_difference(cuda, cpu) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("exponent, prior", [(1.0, None), (2.0, [1.0, 2.0, 0.5])])
+def test_coefficients_on_cuda_equal_cpu(dtype, exponent, prior):
+    base, tuned = inputs(dtype, seed=1)
+    cpu = tensor_coefficients(tuned, base, exponent=exponent, prior=prior)
+    cuda = tensor_coefficients(
+        [t.cuda() for t in tuned], base.cuda(), exponent=exponent, prior=prior
+    )
+    assert cuda.device.type == "cuda" and cuda.dtype == cpu.dtype == torch.float32
+    assert float((cuda.cpu() - cpu).abs().max()) < 1e-6
+    assert float(cuda.sum()) == pytest.approx(1.0, abs=1e-6)
+
+
+def yaml_recipe(method: str, family: List[Path]) -> dict:
+    base, *tuned = family
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(p)} for p in tuned],
+        "parameters": {} if method == "nan" else {"density": 0.5},
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize("method", ["nan", "ties+nan"])
+def test_mergekit_yaml_cuda_equals_cpu(method, family, tmp_path):
+    recipe = yaml_recipe(method, family)
+    run_mergekit_yaml(recipe, tmp_path / "cpu")
+    run_mergekit_yaml(recipe, tmp_path / "cuda", "--cuda")
+    cpu, cuda = load_model_tensors(tmp_path / "cpu"), load_model_tensors(tmp_path / "cuda")
+    assert set(cpu) == set(cuda)
+    for name, tensor in cuda.items():
+        expected = cpu[name].double()
+        error = float((tensor.double() - expected).abs().max() / expected.abs().max())
+        assert error < 2e-6, name
+
+
+def test_inspect_cuda_equals_cpu(family, tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(yaml_recipe("ties+nan", family)))
+    tables = {}
+    for device, flags in (("cpu", []), ("cuda", ["--cuda"])):
+        out = tmp_path / f"{device}.json"
+        arguments = ["inspect", str(recipe), "-q", "--json", str(out), *flags]
+        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        tables[device] = json.loads(out.read_text())
+    cpu, cuda = tables["cpu"]["tensors"], tables["cuda"]["tensors"]
+    assert [t["name"] for t in cuda] == [t["name"] for t in cpu]
+    for on_cuda, on_cpu in zip(cuda, cpu):
+        for model_cuda, model_cpu in zip(on_cuda["models"], on_cpu["models"]):
+            assert model_cuda["norm"] == pytest.approx(model_cpu["norm"], rel=1e-6)
+            assert model_cuda["weight"] == pytest.approx(model_cpu["weight"], abs=1e-6)
