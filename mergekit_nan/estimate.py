@@ -122,18 +122,15 @@ class Estimate:
         ]
 
 
-def _widest(dtypes: Sequence[str]) -> str:
-    return max(dtypes, key=dtype_size)
-
-
-def _output_dtype(
+def _output_size(
     tensor: PlannedTensor, headers: Sequence[TensorHeader], out_dtype: Optional[str]
-) -> str:
+) -> int:
+    """Bytes per element of the merged tensor (see the module docstring)."""
     if tensor.force_dtype:
-        return tensor.force_dtype
+        return dtype_size(tensor.force_dtype)
     if not all(h.is_float for h in headers):
-        return headers[0].dtype
-    return out_dtype or _widest([h.dtype for h in headers])
+        return headers[0].itemsize
+    return dtype_size(out_dtype) if out_dtype else max(h.itemsize for h in headers)
 
 
 def free_space(path: str) -> int:
@@ -170,9 +167,11 @@ def estimate_job(
     peak = 0
     for tensor in planned or ():
         present = []
+        held = 0  # inputs the merge holds: those with this tensor, or of unknown contents
         for model, names in tensor.inputs:
             facts = models.get(model)
             header = facts.header(names) if facts is not None else None
+            held += header is not None or facts is None or facts.tensors is None
             if facts is None or header is None:
                 continue
             present.append((model, header))
@@ -186,10 +185,12 @@ def estimate_job(
         headers = [header for _, header in present]
         reference = next((h for m, h in present if m == tensor.base), headers[0])
         numel = reference.numel
-        out_size = dtype_size(_output_dtype(tensor, headers, out_dtype or dtype))
-        compute = dtype if dtype and reference.is_float else _widest([h.dtype for h in headers])
+        out_size = _output_size(tensor, headers, out_dtype or dtype)
+        compute = (
+            dtype_size(dtype) if dtype and reference.is_float else max(h.itemsize for h in headers)
+        )
         output_bytes += numel * out_size
-        peak = max(peak, len(headers) * numel * dtype_size(compute) + numel * out_size)
+        peak = max(peak, held * numel * compute + numel * out_size)
         if numel > largest_numel:
             largest_numel = numel
             largest = LargestTensor(tensor.name, reference.shape, numel * out_size)

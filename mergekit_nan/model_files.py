@@ -80,6 +80,11 @@ class TensorHeader:
     def is_float(self) -> bool:
         return self.dtype in _FLOATS
 
+    @property
+    def itemsize(self) -> int:
+        """Bytes per element: from the dtype, or from the byte range for an unknown dtype."""
+        return _SIZES.get(self.dtype) or self.nbytes // max(1, self.numel)
+
 
 class HeaderError(Exception):
     """A safetensors file whose header cannot be read."""
@@ -103,14 +108,17 @@ def read_safetensors_header(path: str) -> Tuple[Dict[str, TensorHeader], int]:
         header = json.loads(raw)
     except ValueError as error:
         raise HeaderError(f"{path} has an unreadable safetensors header ({error})") from None
-    header.pop("__metadata__", None)
     tensors: Dict[str, TensorHeader] = {}
     end = 0
-    for name, info in header.items():
-        start, stop = info["data_offsets"]
-        dtype = _SAFETENSORS_DTYPES.get(info["dtype"], (info["dtype"].lower(), 0))[0]
-        tensors[name] = TensorHeader(tuple(info["shape"]), dtype, stop - start)
-        end = max(end, stop)
+    try:
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, stop = info["data_offsets"]
+            dtype = _SAFETENSORS_DTYPES.get(info["dtype"], (str(info["dtype"]).lower(), 0))[0]
+            tensors[name] = TensorHeader(tuple(int(n) for n in info["shape"]), dtype, stop - start)
+            end = max(end, stop)
+    except (AttributeError, KeyError, TypeError, ValueError) as error:
+        raise HeaderError(f"{path} has a malformed safetensors header ({error!r})") from None
     return tensors, 8 + length + end
 
 
@@ -244,8 +252,14 @@ def _read_weights(facts: ModelFacts) -> None:
         single = os.path.join(directory, stem)
         index = single + ".index.json"
         if os.path.exists(index):
-            with open(index, encoding="utf-8") as file:
-                facts.shards = dict(json.load(file)["weight_map"])
+            try:
+                weight_map = _read_json(index).get("weight_map")
+            except ValueError:
+                weight_map = None
+            if not isinstance(weight_map, dict):
+                facts.problems.append(f"{os.path.basename(index)} has no readable weight_map")
+                return
+            facts.shards = dict(weight_map)
         elif os.path.exists(single):
             facts.shards = {}
         else:
@@ -285,8 +299,10 @@ def _read_files(facts: ModelFacts, files: Sequence[str]) -> None:
 
 def _locate(facts: ModelFacts, cache_dir: Optional[str]) -> None:
     reference = facts.reference
-    marker = "tokenizer_config.json" if facts.tokenizer_only else "config.json"
-    facts.directory = _find(reference.model, marker, cache_dir)
+    markers = ("tokenizer_config.json", "config.json") if facts.tokenizer_only else ("config.json",)
+    facts.directory = next(
+        (d for d in (_find(reference.model, m, cache_dir) for m in markers) if d), None
+    )
     if facts.directory is None:
         facts.missing.append(str(reference.model))
     if (
@@ -300,9 +316,20 @@ def _locate(facts: ModelFacts, cache_dir: Optional[str]) -> None:
     if not os.path.exists(config_path):
         facts.problems.append(f"no config.json in {facts.directory}")
         return
-    with open(config_path, encoding="utf-8") as file:
-        facts.config = json.load(file)
+    try:
+        facts.config = _read_json(config_path)
+    except ValueError as error:
+        facts.problems.append(f"config.json is not valid JSON ({error})")
+        return
     _read_weights(facts)
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as file:
+        data = json.load(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object")
+    return data
 
 
 def collect_models(

@@ -207,6 +207,35 @@ def test_pickled_weights_are_not_unpickled(family, odd, monkeypatch):
     assert report.estimate.read_bytes == headers + size
 
 
+def test_incomplete_models(family, tmp_path):
+    sharded = write_model(
+        tmp_path / "sharded", load_model_tensors(family[1]), max_shard_size="40KB"
+    ).resolve()
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    # a complete sharded model reads like the single-file one
+    whole = check_recipe(nan_recipe(family[0], family[1], sharded))
+    assert codes(whole) == []
+    assert whole.estimate.read_bytes == sum(
+        nbytes(*v) for m in (family[0], family[1], family[1]) for v in stored(m).values()
+    )
+    (sharded / shards[-1]).unlink()
+    no_config = tmp_path / "no-config"
+    shutil.copytree(family[2], no_config)
+    (no_config / "config.json").unlink()
+    no_weights = tmp_path / "no-weights"
+    no_weights.mkdir()
+    shutil.copy(family[3] / "config.json", no_weights / "config.json")
+    report = check_recipe(nan_recipe(family[0], sharded, no_config, no_weights))
+    found = {f.where: f.message for f in report.findings if f.code == "incomplete-model"}
+    assert set(found) == {"models[0].model", "models[1].model", "models[2].model"}
+    assert f"shard {shards[-1]} listed in its index is missing" in found["models[0].model"]
+    assert "no config.json" in found["models[1].model"]
+    assert "no model.safetensors or pytorch_model.bin" in found["models[2].model"]
+    assert report.exit_code() == 1
+
+
 # -- estimate and disk ---------------------------------------------------------------------
 
 
