@@ -13,8 +13,9 @@ one whose ``weight`` values are the inspected coefficients:
   weights alpha_i: sum_i alpha_i theta_i.
 
 Weights go into each source's ``parameters`` (the highest precedence). A
-model whose weight is the same for every tensor gets a number; otherwise a
-list of conditional settings, one per input tensor, with full tensor names as
+model whose weight is the same for every tensor gets a number (``model``
+granularity); otherwise (``tensor`` and ``layer`` granularity) a list of
+conditional settings, one per input tensor, with full tensor names as
 filters. mergekit matches a filter as a substring and takes the first match,
 so filters are ordered longest first: a filter that matches a longer name
 comes before it can shadow anything, and each tensor meets its own name
@@ -149,6 +150,6 @@ def frozen_yaml(frozen: Dict[str, Any], *, source: str, inspection: Inspection) 
     header = (
         f"# Stock mergekit recipe: the NAN coefficients of {source} "
         f"({inspection.merge_method}, {inspection.granularity} granularity)\n"
-        f"# frozen into {inspection.inner_method} weight values by mergekit-nan freeze.\n"
+        f"# frozen into {inspection.inner_method} weight values by mergekit-nan.\n"
     )
     return header + yaml.dump(frozen, Dumper=ConfigYamlDumper, sort_keys=False)

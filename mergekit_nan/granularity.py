@@ -32,19 +32,13 @@ from mergekit.config import MergeConfiguration
 
 from mergekit_nan.errors import RecipeError
 from mergekit_nan.group import Weighting
-from mergekit_nan.parameters import (
-    NAN_GRANULARITIES,
-    NAN_GRANULARITY,
-    Granularity,
-    stock_granularity_error,
-)
+from mergekit_nan.parameters import NAN_GRANULARITIES, NAN_GRANULARITY, Granularity
 
 __all__ = [
     "checked_granularity",
     "pooled_weightings",
     "recipe_granularity",
     "resolve_granularity",
-    "stock_check",
     "without_granularity",
 ]
 
@@ -122,17 +116,6 @@ def without_granularity(config: MergeConfiguration) -> MergeConfiguration:
     parameters = dict(config.parameters or {})
     parameters.pop(NAN_GRANULARITY.name, None)
     return config.model_copy(update={"parameters": parameters or None}, deep=True)
-
-
-def stock_check(config: MergeConfiguration) -> None:
-    """Raise unless stock mergekit can honour ``config``'s granularity (tensor or absent).
-
-    For the stock commands: ``layer``/``model`` fail with the message that
-    points to ``mergekit-nan merge``, before anything is planned.
-    """
-    granularity = recipe_granularity(config)
-    if granularity not in (None, "tensor"):
-        raise stock_granularity_error(granularity)
 
 
 def pooled_weightings(

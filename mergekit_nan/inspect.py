@@ -2,9 +2,12 @@
 
 :func:`inspect_recipe` plans the recipe with mergekit's own machinery
 (``MergeConfiguration``, architecture detection, ``MergePlanner`` with its
-parameter resolver, ``LoaderCache``) and runs one small task per output tensor
-on mergekit's executor, which loads each input tensor lazily and drops it once
-its coefficients are known: peak memory is about one tensor per input.
+parameter resolver, ``LoaderCache``) and runs the planned merge tasks on
+mergekit's executor, which loads each input tensor lazily and drops it once
+its coefficients are known: peak memory is about one tensor per input. Each
+task is mergekit's own merge adapter (optional-tensor policy, validation,
+parameter binding, dtype) run in the measurement mode of
+:mod:`mergekit_nan.measure`, so nothing of it is re-implemented here.
 
 Per tensor, the coefficients are those the merge computes: for ``nan`` the
 alpha_i of :class:`~mergekit_nan.method.NanMerge` (with its ``lambda``), for
@@ -33,20 +36,11 @@ import torch
 import yaml
 from mergekit import merge_methods
 from mergekit.architecture import WeightInfo, get_architecture_info
-from mergekit.common import ModelReference, dtype_from_name
+from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import LoaderCache
 from mergekit.merge import _model_out_config
-from mergekit.merge_methods.base import (
-    OptionalTensorPolicy,
-    ParameterScope,
-    PerInputValues,
-    TensorEntry,
-    TensorGroup,
-    TensorMetadata,
-)
-from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
@@ -57,6 +51,7 @@ from mergekit_nan.granularity import (
     without_granularity,
 )
 from mergekit_nan.group import Weighting
+from mergekit_nan.measure import measuring
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
@@ -227,30 +222,26 @@ class _RecordingPlanner(MergePlanner):
         )
 
 
-def _check_shapes(group: TensorGroup) -> None:
-    reference = group.base or group.entries[0]
-    for entry in group.entries:
-        if entry.tensor.shape != reference.tensor.shape:
+def _check_shapes(merge: ExecuteMergeMethodTask, tensors: Dict[ModelReference, torch.Tensor]):
+    """Mismatched shapes, named by model (mergekit's own message lists only the shapes)."""
+    present = [model for model in merge.model_order if model in tensors]
+    reference = merge.base_model if merge.base_model in tensors else present[0]
+    expected = tensors[reference].shape
+    for model in present:
+        if tensors[model].shape != expected:
             raise ValueError(
-                f"tensor {group.metadata.name!r} has shape {tuple(entry.tensor.shape)} "
-                f"in model {entry.id} but {tuple(reference.tensor.shape)} in model "
-                f"{reference.id}; NAN needs matching shapes"
+                f"tensor {merge.output_weight.name!r} has shape {tuple(tensors[model].shape)} "
+                f"in model {model} but {tuple(expected)} in model {reference}; NAN needs "
+                "matching shapes"
             )
 
 
-def _bound_parameters(merge: ExecuteMergeMethodTask, method, group: TensorGroup) -> Dict:
-    """The merge adapter's parameter binding for the inputs that were loaded."""
-    parameters = dict(merge.parameters.items())
-    for parameter in method.spec.input_parameters:
-        inputs = group.entries if parameter.scope == ParameterScope.INPUT else group.non_base
-        parameters[parameter.name] = PerInputValues(
-            [(entry.id, merge.input_parameters[entry.id][parameter.name]) for entry in inputs]
-        )
-    return parameters
-
-
 class _CoefficientTask(Task[Optional[Weighting]]):
-    """Stands in for one planned merge task: same inputs, coefficients out."""
+    """One planned merge task, run by mergekit's own adapter in measurement mode.
+
+    Same inputs as the merge; the value is the tensor's weighting, or None
+    where the merge copies the tensor without NAN (see :mod:`mergekit_nan.measure`).
+    """
 
     merge: ExecuteMergeMethodTask
 
@@ -266,39 +257,11 @@ class _CoefficientTask(Task[Optional[Weighting]]):
     def execute(
         self, tensors: Dict[ModelReference, torch.Tensor], **_kwargs
     ) -> Optional[Weighting]:
-        merge = self.merge
-        method = merge_methods.get(merge.method_name)
-        entries = tuple(
-            TensorEntry(id=model, tensor=tensor, is_base=model == merge.base_model)
-            for model in merge.model_order
-            if (tensor := tensors.get(model)) is not None
-        )
-        group = TensorGroup(entries, TensorMetadata.from_weight_info(merge.output_weight))
-        if merge.output_weight.optional and len(entries) < len(merge.model_order):
-            # The merge passes such a tensor through or skips it, without NAN.
-            policy = method.spec.optional_tensor_policy
-            if len(entries) == 1 and (
-                policy == OptionalTensorPolicy.PASSTHROUGH_SINGLETON
-                or (
-                    policy == OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON and entries[0].is_base
-                )
-            ):
-                return None
-            if (
-                policy == OptionalTensorPolicy.BASE_OR_SKIP
-                and len(entries) < method.spec.contract.min_inputs
-            ):
-                return None
-        method.validate_inputs(
-            [entry.id for entry in entries], merge.base_model, group_name=group.metadata.name
-        )
-        if not all(entry.tensor.is_floating_point() for entry in entries):
-            return None
-        _check_shapes(group)
-        group.validate_tensors()
-        parameters = _bound_parameters(merge, method, group)
-        group = align_dtype(group, dtype_from_name(merge.dtype) or promoted_dtype(group))
-        return method.weighting(group, parameters)
+        if tensors:
+            _check_shapes(self.merge, tensors)
+        with measuring():
+            value = self.merge.execute(tensors=tensors)
+        return value if isinstance(value, Weighting) else None
 
 
 def inspect_recipe(

@@ -10,6 +10,8 @@ coefficients are frozen into a stock recipe
 recipe with the user's options. The output therefore equals ``mergekit-nan
 freeze --granularity X`` followed by the stock ``mergekit-yaml`` on the frozen
 recipe. Nothing is written to the output directory before the pass succeeded.
+A recipe with LoRA references and no ``lora_merge_cache`` merges the adapters
+once into a temporary directory shared by the pass and the merge.
 
 Model card (with ``write_model_card``): mergekit's own card for the recipe as
 given (it names NAN and the models) plus a section with the granularity and

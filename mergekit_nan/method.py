@@ -21,7 +21,6 @@ from typing import Any, Mapping, Optional
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
-    GroupMergeMethod,
     InputContract,
     MergeMethodSpec,
     OptionalTensorPolicy,
@@ -33,6 +32,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_nan.coefficients import accumulation_dtype
 from mergekit_nan.group import Weighting, check_scale, group_weighting, uses_base
+from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
@@ -40,7 +40,7 @@ __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
 NAN_PAPER_URL = "https://arxiv.org/abs/2505.16148"
 
 
-class NanMerge(GroupMergeMethod):
+class NanMerge(MeasurableMethod):
     """NAN (Si et al., 2025): inverse-norm coefficients for each output tensor."""
 
     spec = MergeMethodSpec(

@@ -23,7 +23,6 @@ from typing import Any, Mapping, Optional
 import torch
 from mergekit.merge_methods.base import (
     BasePolicy,
-    GroupMergeMethod,
     MergeMethod,
     MergeMethodSpec,
     ParameterScope,
@@ -32,6 +31,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.group import Weighting, check_scale, group_weighting
+from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 
 __all__ = ["COMPOSITE_SUFFIX", "NanCoefficients", "nan_coefficients", "takes_weight"]
@@ -47,7 +47,7 @@ def takes_weight(method: MergeMethod) -> bool:
     )
 
 
-class NanCoefficients(GroupMergeMethod):
+class NanCoefficients(MeasurableMethod):
     """``inner`` with its ``weight`` values replaced by NAN coefficients."""
 
     def __init__(self, inner: MergeMethod):

@@ -25,7 +25,7 @@ from mergekit.merge_methods import get
 
 from mergekit_nan.cli import main
 from mergekit_nan.errors import RecipeError
-from mergekit_nan.granularity import recipe_granularity, stock_check
+from mergekit_nan.granularity import recipe_granularity, resolve_granularity
 from mergekit_nan.merge import FROZEN_FILE
 from mergekit_nan.tiny import write_model
 
@@ -316,7 +316,7 @@ def test_every_nan_method_refuses_pooled_granularity_while_planning(method):
         spec.validate("per-layer")
 
 
-def test_stock_check_and_recipe_granularity():
+def test_recipe_granularity_is_one_top_level_value():
     def config(parameters=None, model_parameters=None) -> MergeConfiguration:
         return MergeConfiguration.model_validate(
             {
@@ -328,9 +328,8 @@ def test_stock_check_and_recipe_granularity():
 
     assert recipe_granularity(config()) is None
     assert recipe_granularity(config({"nan_granularity": "layer"})) == "layer"
-    stock_check(config({"nan_granularity": "tensor"}))
-    with pytest.raises(RecipeError, match="nan_granularity: model needs the norms of the whole"):
-        stock_check(config({"nan_granularity": "model"}))
+    assert resolve_granularity(config({"nan_granularity": "layer"}), "model") == "model"
+    assert resolve_granularity(config(), None) == "tensor"
     with pytest.raises(RecipeError, match=r"models\[0\] \(a\)"):
         recipe_granularity(config(model_parameters={"nan_granularity": "model"}))
     with pytest.raises(RecipeError, match="not a filter or gradient"):

@@ -270,7 +270,7 @@ def test_composite_spec_is_the_inner_spec_plus_nan_parameters():
         assert composite.optional_tensor_policy == inner.optional_tensor_policy
         inner_parameters = {p.name: p for p in inner.parameters}
         added = [p for p in composite.parameters if p.name not in inner_parameters]
-        assert [p.name for p in added] == ["nan_exponent", "nan_norm"]
+        assert [p.name for p in added] == ["nan_exponent", "nan_norm", "nan_granularity"]
         for parameter in composite.parameters:
             if parameter.name == "weight":
                 assert parameter.default is None and not parameter.required
