@@ -162,6 +162,19 @@ def _header_loaders(models: Sequence[ModelFacts]) -> Iterator[None]:
         cache.loaders.update(saved)
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' warnings off (mergekit's own config handling trips deprecations)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+
+
 def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     """mergekit's planner after ``_plan()``, reading configs and headers only.
 
@@ -177,7 +190,7 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     register_methods()
     options = options.model_copy(update={"allow_crimes": True})
     config = config.model_copy(deep=True)
-    with _offline(options.transformers_cache), _header_loaders(models):
+    with _offline(options.transformers_cache), _header_loaders(models), _quiet_transformers():
         arch_info = get_architecture_info(config, options)
         planner = MergePlanner(
             config,

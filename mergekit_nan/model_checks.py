@@ -169,13 +169,15 @@ def model_findings(
     findings: List[Finding] = []
     for model in models:
         findings.extend(_not_found(model))
-        for problem in model.problems + model.truncated:
+        problems = model.problems + model.truncated
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             findings.append(
                 Finding(
                     "error",
                     "incomplete-model",
                     model.where,
-                    f"{model.label}: {problem}.",
+                    f"{model.label}: {problems[0]}{more}.",
                     "download or copy the model again",
                 )
             )
