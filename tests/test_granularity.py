@@ -428,3 +428,72 @@ def test_lora_reference_merges_at_model_granularity(family, tmp_path):
     weights = [s["parameters"]["weight"] for s in frozen["slices"][0]["sources"][:2]]
     plain = pooled_norms(task_vectors(family[1:3], family[0]), "model")["lm_head.weight"]
     assert weights != pytest.approx(alphas(plain, [1.0, 1.0]), rel=1e-6)
+
+
+# -- inspect runs mergekit's own merge adapter -------------------------------------------------
+
+
+def adapter_task(method: str, **parameters):
+    """mergekit's merge task for one optional tensor of /m/base, /m/a and /m/b."""
+    from mergekit.architecture import WeightInfo
+    from mergekit.common import ImmutableMap, ModelReference
+    from mergekit.io.tasks import GatherTensors
+    from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+
+    models = [ModelReference.parse(f"/m/{name}") for name in ("base", "a", "b")]
+    weight = WeightInfo(name="extra.weight", optional=True)
+    shared = {"nan_exponent": 1.0, "nan_norm": "auto", "nan_granularity": "tensor", **parameters}
+    per_model = {"weight": 1.0} if method == "nan" else {"weight": None, "density": 1.0}
+    merge = ExecuteMergeMethodTask(
+        method_name=method,
+        gather_tensors=GatherTensors(weight_info=ImmutableMap(data={m: weight for m in models})),
+        model_order=tuple(models),
+        base_model=models[0],
+        output_weight=weight,
+        parameters=ImmutableMap(data=shared),
+        input_parameters=ImmutableMap(
+            data={
+                models[0]: ImmutableMap(data={}),
+                **{m: ImmutableMap(data=per_model) for m in models[1:]},
+            }
+        ),
+    )
+    return merge, models
+
+
+def test_measurement_follows_mergekits_adapter():
+    from mergekit_nan.inspect import _CoefficientTask
+    from mergekit_nan.measure import measuring
+
+    merge, (base, a, b) = adapter_task("nan", **{"lambda": 1.0})
+    task = _CoefficientTask(merge=merge)
+    generator = torch.Generator().manual_seed(0)
+    values = {m: torch.randn(4, 4, generator=generator) for m in (base, a, b)}
+    weighting = task.execute(tensors=values)
+    deltas = [torch.linalg.vector_norm((values[m] - values[base]).double()).item() for m in (a, b)]
+    assert weighting.models == (a, b)
+    assert list(weighting.shares) == pytest.approx(alphas(deltas, [1.0, 1.0]), rel=1e-6)
+    # mergekit passes an optional tensor that only one input has through: no NAN.
+    assert task.execute(tensors={a: values[a]}) is None
+    assert torch.equal(merge.execute(tensors={a: values[a]}), values[a])
+    # Equal non-floating buffers are copied, not weighed.
+    ints = torch.arange(4)
+    assert task.execute(tensors={m: ints for m in (base, a, b)}) is None
+    # Outside the measurement the same adapter merges as usual.
+    merged = merge.execute(tensors=values)
+    a_, b_ = alphas(deltas, [1.0, 1.0])
+    expected = values[base] + a_ * (values[a] - values[base]) + b_ * (values[b] - values[base])
+    torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
+    with measuring():
+        assert merge.execute(tensors=values).shares == weighting.shares
+
+
+def test_measurement_of_a_composite_with_only_the_base_is_none():
+    from mergekit_nan.inspect import _CoefficientTask
+
+    merge, (base, a, b) = adapter_task("ties+nan")
+    task = _CoefficientTask(merge=merge)
+    values = {m: torch.full((3,), float(i)) for i, m in enumerate((base, a, b))}
+    assert task.execute(tensors={base: values[base]}) is None
+    weighting = task.execute(tensors=values)
+    assert weighting.weights == pytest.approx(alphas([1.0 * 3**0.5, 2.0 * 3**0.5], [1, 1]))
