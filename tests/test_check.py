@@ -174,6 +174,19 @@ def test_shape_mismatch_names_tensor_and_both_models(family, odd):
     assert "'model.layers.1.mlp.down_proj.weight'" in finding.message
 
 
+def test_many_shape_mismatches_are_counted(family, tmp_path):
+    broad = odd_model(tmp_path, "broad", hidden_size=48)
+    report = check_recipe(nan_recipe(family[0], family[1], broad))
+    base, other = stored(family[0]), stored(broad)
+    differing = [name for name in base if base[name][0] != other[name][0]]
+    named = [f for f in report.errors if f.tensor is not None]
+    (rest,) = [f for f in report.errors if f.tensor is None]
+    assert len(named) == 8 and {f.tensor for f in named} <= set(differing)
+    assert rest.code == "shape-mismatch" and rest.where == "models[1].model"
+    assert rest.message.startswith(f"{len(differing) - 8} more tensors of {broad} differ")
+    assert f"({len(differing)} in all)" in rest.message
+
+
 def test_vocab_mismatch_hints_at_tokenizer_source(family, odd):
     report = check_recipe(nan_recipe(family[0], family[1], odd["vocab"]))
     (vocab,) = [f for f in report.findings if f.code == "vocab-mismatch"]
