@@ -220,7 +220,8 @@ def model_places(data: Mapping[str, Any]) -> Dict[ModelReference, Tuple[str, Lis
             label, places, only = found[reference]
             found[reference] = (label, places + [where], only and tokenizer_only)
         else:
-            found[reference] = (str(value), [where], tokenizer_only)
+            label = value if isinstance(value, str) else str(reference)
+            found[reference] = (label, [where], tokenizer_only)
     return found
 
 
