@@ -185,11 +185,14 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     from mergekit.merge import _model_out_config
     from mergekit.plan import MergePlanner
 
+    from mergekit_nan.granularity import without_granularity
     from mergekit_nan.registration import register_methods
 
     register_methods()
     options = options.model_copy(update={"allow_crimes": True})
-    config = config.model_copy(deep=True)
+    # nan_granularity is the recipe checks' business; the stock validator would refuse
+    # layer/model here, which mergekit-nan merge (and inspect, freeze) honour.
+    config = without_granularity(config)
     with _offline(options.transformers_cache), _header_loaders(models), _quiet_transformers():
         arch_info = get_architecture_info(config, options)
         planner = MergePlanner(

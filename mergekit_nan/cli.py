@@ -56,8 +56,8 @@ def _mergekit_options(command: Callable) -> Callable:
     """The mergekit options that matter for reading models and computing norms."""
     options = [
         _granularity_option(),
-        click.option("--device", default=None, help="Compute norms on this device (e.g. cuda:0)"),
-        click.option("--cuda", is_flag=True, help="Compute norms on the GPU (--device cuda)"),
+        click.option("--device", default=None, help="Compute on this device (e.g. cuda:0)"),
+        click.option("--cuda", is_flag=True, help="Compute on the GPU (--device cuda)"),
         click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
         click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
         click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
@@ -302,6 +302,7 @@ def merge_command(
     from mergekit_nan.merge import merge_recipe
 
     _check_writable(save_frozen)
+    _preflight(config_file, arguments)
     options = _merge_options(arguments).model_copy(
         update={
             "random_seed": random_seed,

@@ -176,6 +176,10 @@ def test_layer_granularity_with_base_from_the_recipe(family, tmp_path):
         )
     assert_merged(tmp_path / "out", expected_nan(family[1:], family[0], norms, PRIORS, 1.5))
     assert "**layer** granularity" in (tmp_path / "out" / "README.md").read_text()
+    # inspect reads the recipe's granularity too.
+    result = invoke("inspect", path, "-q", "--json", tmp_path / "c.json")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "c.json").read_text())["granularity"] == "layer"
 
 
 def test_layer_granularity_weights_norm_with_base(family, tmp_path):
@@ -353,7 +357,7 @@ def test_misplaced_granularity_fails_before_writing(family, tmp_path):
     path = write_recipe(tmp_path / "r.yml", recipe)
     out = tmp_path / "out"
     result = invoke("merge", path, out, "-q", "--no-copy-tokenizer")
-    assert_clean_failure(result, out, "models[1]", str(family[2]), "top-level parameters")
+    assert_clean_failure(result, out, "nan_granularity", "models[1]", "top-level")
 
 
 def test_failed_norm_pass_writes_nothing(family, tmp_path):
