@@ -292,7 +292,9 @@ class BackgroundRuns:
 
 def selected_items(request: pytest.FixtureRequest) -> List[pytest.Item]:
     """The collected test items of the requesting module (after ``-k`` and node ids)."""
-    return [item for item in request.session.items if item.module is request.module]
+    return [
+        item for item in request.session.items if getattr(item, "module", None) is request.module
+    ]
 
 
 def selected_params(request: pytest.FixtureRequest, name: str) -> List:

@@ -159,6 +159,9 @@ def test_matrix_cell(cell, matrix, tiny_families, tmp_path, record_property):
     config = json.loads((out / "config.json").read_text())
     source = json.loads((family.base / "config.json").read_text())
     assert config["architectures"] == source["architectures"]
+    assert config["tie_word_embeddings"] == source["tie_word_embeddings"]
+    assert ("lm_head.weight" in merged) == (not source["tie_word_embeddings"])
+    assert config["dtype"] == cell.dtype
 
     expected = expected_tensors(cell, family, tmp_path / "stock")
     if cell.method == "dare_ties+nan":
