@@ -22,6 +22,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PAIRS = ("nan vs linear", "ties+nan vs ties", "dare_ties+nan vs dare_ties")
 METHODS = ("nan", "linear", "ties+nan", "ties", "dare_ties+nan", "dare_ties")
+MERGE_MODEL_PAIR = "nan [mergekit-nan merge --granularity model] vs nan [mergekit-yaml]"
 State = Dict[str, torch.Tensor]
 
 
@@ -42,8 +43,17 @@ def _finite(values: List[float]) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
 
+def _merge_command_present() -> bool:
+    script = Path(sys.executable).parent / "mergekit-nan"
+    if not script.exists():
+        return False
+    result = subprocess.run([str(script), "merge", "--help"], capture_output=True, text=True)
+    return result.returncode == 0
+
+
 def test_overhead_tiny(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
+    cache = tmp_path / "cache"
     stdout = _run(
         "overhead.py",
         "--size",
@@ -55,23 +65,114 @@ def test_overhead_tiny(tmp_path: Path) -> None:
         "--probe-repeats",
         "1",
         "--cache",
-        str(tmp_path / "cache"),
+        str(cache),
         "--json",
         str(out),
     )
-    for pair in PAIRS:
+    pairs = list(PAIRS)
+    if _merge_command_present():
+        pairs.append(MERGE_MODEL_PAIR)
+    else:
+        assert "the --granularity model pair is skipped" in stdout
+    for pair in pairs:
         assert f"| {pair} |" in stdout
     assert "| NAN coefficient pass" in stdout and "| plain read" in stdout
     payload = json.loads(out.read_text())
-    assert sorted(m["method"] for m in payload["merges"]) == sorted(METHODS)
+    assert payload["pairs"] == pairs
+    for pair in pairs:
+        methods = sorted(m["method"] for m in payload["merges"] if m["pair"] == pair)
+        assert methods == sorted(pair.split(" vs "))
     for merge in payload["merges"]:
         assert merge["wall_s"] > 0 and merge["max_rss"] > 0
     norms = payload["norm_pass"]
     assert _finite([norms["plain_gb_s"], norms["nan_gb_s"]])
     assert norms["plain_gb_s"] > 0 and norms["nan_gb_s"] > 0
-    assert {"cpu", "cores", "ram", "torch", "date"} <= set(payload["machine"])
+    assert {"cpu", "cores", "ram", "torch", "date", "load_at_start"} <= set(payload["machine"])
     probes = payload["largest_tensor_peak_growth"]
     assert set(probes) == set(METHODS) and all(v >= 0 for vs in probes.values() for v in vs)
+    model = payload["model"]
+    assert (model["inputs"], model["largest_numel"]) == (4, 256 * 64)
+    # Without --keep the built checkpoints and merge outputs are gone.
+    assert not any(cache.glob("llama-tiny-*")) and not any(cache.glob("work-*"))
+    table = _run("overhead.py", "--size-table", str(out))
+    linear = [m["max_rss"] for m in payload["merges"] if m["method"] == "linear"]
+    row = "| tiny | 5B (default) | 0.12M | 4 | 0.02 | 0 | 1 |"
+    assert row in table and f"| {linear[0] / 2**20:.0f} |" in table
+
+
+def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
+    out = tmp_path / "overhead.json"
+    common = ["--size", "tiny", "--pairs", "nan", "--norm-repeats", "0", "--probe-repeats", "0"]
+    common += ["--cache", str(tmp_path / "cache"), "--json", str(out)]
+    earlier = {"pair": "nan vs linear", "method": "nan", "round": 0, "wall_s": 1.5}
+    out.write_text(json.dumps({"model": {"size": "tiny"}, "merges": [{**earlier, "max_rss": 123}]}))
+    _run("overhead.py", *common, "--rounds", "1", "--resume")
+    merges = json.loads(out.read_text())["merges"]
+    assert merges[0] == {**earlier, "max_rss": 123}
+    assert [(m["round"], m["method"]) for m in merges[1:]] == [(0, "linear")]
+    assert merges[1]["wall_s"] > 0 and merges[1]["max_rss"] > 2**20
+
+
+@pytest.fixture
+def overhead_models(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module("overhead_models")
+
+
+@pytest.mark.parametrize("size", ["tiny", "full", "3b"])
+def test_overhead_shapes_are_the_transformers_llama_layout(
+    overhead_models: ModuleType, size: str
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    shape = overhead_models.FAMILIES[size].shape
+    config = transformers.LlamaConfig(**shape.config())
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    assert dict(shape.tensors()) == expected
+    assert shape.parameters() == sum(p.numel() for p in model.parameters())
+    name, count = shape.largest_tensor()
+    assert count == max(p.numel() for p in model.parameters()) and name in expected
+
+
+def test_overhead_3b_is_llama_3_2_3b_sized(overhead_models: ModuleType) -> None:
+    # Llama-3.2-3B: 3,212,749,824 parameters with tied embeddings; 128256 x 3072 embedding.
+    shape = overhead_models.FAMILIES["3b"].shape
+    assert shape.parameters() == 3_212_749_824
+    assert shape.largest_tensor() == ("model.embed_tokens.weight", 128256 * 3072)
+    assert overhead_models.FAMILIES["3b"].inputs == 3
+
+
+def test_overhead_family_checkpoints(overhead_models: ModuleType, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    family = overhead_models.FAMILIES["tiny"]
+    paths = overhead_models.build_family(tmp_path, "tiny", seed=3)
+    assert [p.name for p in paths] == ["base", "ft0", "ft1", "ft2"]
+    states = []
+    for path in paths:
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        shards = sorted(set(index["weight_map"].values()))
+        assert len(shards) > 1 and sorted(p.name for p in path.glob("*.safetensors")) == shards
+        state: State = {}
+        for shard in shards:
+            state.update(load_file(str(path / shard)))
+        assert {n: tuple(t.shape) for n, t in state.items()} == dict(family.shape.tensors())
+        assert all(t.dtype == torch.bfloat16 for t in state.values())
+        assert index["metadata"]["total_size"] == 2 * family.shape.parameters()
+        states.append(state)
+    base = states[0]
+    assert torch.equal(base["model.norm.weight"].float(), torch.ones(64))
+    matrices = [n for n, t in base.items() if t.dim() == 2]
+    base_std = torch.cat([base[n].double().flatten() for n in matrices]).std().item()
+    assert base_std == pytest.approx(overhead_models.INIT_STD, rel=0.05)
+    for state, scale in zip(states[1:], family.delta_scales):
+        delta = torch.cat([(state[n].double() - base[n].double()).flatten() for n in matrices])
+        assert delta.std().item() == pytest.approx(scale * overhead_models.INIT_STD, rel=0.05)
+    # Built once: a second call reuses the files instead of writing them again.
+    stamp = (paths[1] / "config.json").stat().st_mtime_ns
+    assert overhead_models.build_family(tmp_path, "tiny", seed=3) == paths
+    assert (paths[1] / "config.json").stat().st_mtime_ns == stamp
 
 
 def test_overhead_cuda_flag_needs_a_gpu(tmp_path: Path) -> None:
