@@ -44,12 +44,12 @@ class Finding:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {self.level!r}")
 
     def line(self) -> str:
-        """One line for a log or a terminal: ``warning: where: message (fix)``."""
+        """One line for a log or a terminal: ``warning: where: message; fix: fix``."""
         place = self.where + (f" [{self.tensor}]" if self.tensor else "")
         text = (
             f"{self.level}: {place}: {self.message}" if place else f"{self.level}: {self.message}"
         )
-        return f"{text} Fix: {self.fix}" if self.fix else text
+        return f"{text}; fix: {self.fix}" if self.fix else text
 
     def to_json(self) -> Dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
