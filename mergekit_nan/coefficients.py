@@ -80,6 +80,8 @@ def _squares(part: torch.Tensor, dtype: torch.dtype, wide: torch.dtype) -> torch
     rows = part.numel() // NORM_ROW_ELEMENTS
     body = part.narrow(0, 0, rows * NORM_ROW_ELEMENTS).view(rows, NORM_ROW_ELEMENTS)
     total = torch.linalg.vector_norm(body, dim=1, dtype=dtype).to(wide).square().sum()
+    if part.numel() == rows * NORM_ROW_ELEMENTS:
+        return total
     tail = part.narrow(0, rows * NORM_ROW_ELEMENTS, part.numel() - rows * NORM_ROW_ELEMENTS)
     return total + torch.linalg.vector_norm(tail, dtype=dtype).to(wide).square()
 
@@ -89,23 +91,35 @@ def _norms_in(
     base: Optional[torch.Tensor],
     dtype: torch.dtype,
     buffer: torch.Tensor,
+    base_buffer: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
+    """Norms of the x_i, one ``buffer``-sized chunk at a time.
+
+    With ``base_buffer`` (as long as ``buffer``), each chunk of the base is
+    converted to ``dtype`` once instead of once per input; the differences are
+    the same floats either way.
+    """
     flats = [_flat(t) for t in tensors]
     flat_base = _flat(base) if base is not None else None
     numel = flats[0].numel()
     wide = torch.float32 if buffer.device.type == "mps" else torch.float64
-    squares = torch.zeros(len(flats), dtype=wide, device=buffer.device)
+    squares = [torch.zeros((), dtype=wide, device=buffer.device) for _ in flats]
     chunk = max(buffer.numel(), 1)
     for start in range(0, numel, chunk):
         length = min(chunk, numel - start)
         part = buffer.narrow(0, 0, length)
+        base_part = None
+        if flat_base is not None:
+            base_part = flat_base.narrow(0, start, length)
+            if base_buffer is not None:
+                base_part = base_buffer.narrow(0, 0, length).copy_(base_part)
         for index, flat in enumerate(flats):
             # x_i formed in ``dtype`` inside the buffer: exact for close values.
             part.copy_(flat.narrow(0, start, length))
-            if flat_base is not None:
-                part.sub_(flat_base.narrow(0, start, length))
-            squares[index] += _squares(part, dtype, wide)
-    return squares.sqrt().to(dtype)
+            if base_part is not None:
+                part.sub_(base_part)
+            squares[index] = squares[index] + _squares(part, dtype, wide)
+    return torch.stack(squares).sqrt().to(dtype)
 
 
 def frobenius_norms(
@@ -121,7 +135,8 @@ def frobenius_norms(
     ``accumulation_dtype`` of the inputs. Each x_i is formed in that dtype in a
     working buffer of at most ``chunk`` elements, taken from ``scratch`` when
     given (a contiguous tensor of the inputs' shape and accumulation dtype, such
-    as the merge's output buffer, whose contents are overwritten), else
+    as the merge's output buffer, whose contents are overwritten; a second
+    window of it, when there is room, holds the base's chunk), else
     allocated. A float32 sum that overflows (inputs near the top of the
     half-precision ranges) is redone, and returned, in float64. One host sync
     checks finiteness; non-finite inputs raise :class:`NonFiniteInputError`.
@@ -141,7 +156,13 @@ def frobenius_norms(
         raise ValueError(f"scratch must be a contiguous {dtype} tensor of {numel} elements")
     else:
         buffer = scratch.view(-1).narrow(0, 0, min(chunk, numel))
-    norms = _norms_in(tensors, base, dtype, buffer)
+    base_buffer = None
+    if scratch is not None and base is not None and base.dtype != dtype:
+        # Room for a second window: the base is converted once per chunk.
+        window = buffer.numel()
+        if numel >= 2 * window:
+            base_buffer = scratch.view(-1).narrow(0, window, window)
+    norms = _norms_in(tensors, base, dtype, buffer, base_buffer)
     if bool(torch.isfinite(norms).all()):
         return norms
     # Rare path: overflow of the float32 accumulation, or non-finite inputs.
