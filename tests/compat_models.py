@@ -25,6 +25,8 @@ VOCAB = 96
 MODEL_SCALES = (0.004, 0.01, 0.025)
 """Task-vector sizes of the fine-tunes (the base's entries are about 0.02-1)."""
 ADDED_TOKENS = ("<tool>", "</tool>", "<think>", "</think>")
+VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
+"""The token-indexed tensors of the Llama-like architectures (rows are tokens)."""
 
 _LLAMA_LIKE = dict(
     vocab_size=VOCAB,
@@ -93,20 +95,18 @@ def saved_state(config, seed: int) -> Dict[str, torch.Tensor]:
     """The tensors ``save_pretrained`` would write for ``config`` (no tied copies), seeded.
 
     The model's own initialisation leaves biases at 0 and norms at 1, so seeded
-    noise is added to every tensor: no two entries of a base tensor are equal.
+    noise is added to every tensor: no tensor is constant.
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
-    tied = set(getattr(model, "_tied_weights_keys", None) or ())
-    if not getattr(config, "tie_word_embeddings", False):
-        tied = set()
+    state = AutoModelForCausalLM.from_config(config).state_dict()
+    if config.tie_word_embeddings:
+        del state["lm_head.weight"]
     generator = torch.Generator().manual_seed(seed)
     return {
         name: tensor.detach() + 0.02 * torch.randn(tensor.shape, generator=generator)
-        for name, tensor in model.state_dict().items()
-        if name not in tied
+        for name, tensor in state.items()
     }
 
 
@@ -238,6 +238,7 @@ class Families:
         return self._built[key]
 
     def with_added_tokens(self, arch: str) -> Family:
+        """Llama-like ``arch`` only (the rows of :data:`VOCAB_TENSORS` are resized)."""
         key = (arch, "added-tokens")
         if key not in self._built:
             folder = self._root / f"{arch}-added-tokens"
@@ -245,7 +246,7 @@ class Families:
             generator = torch.Generator().manual_seed(99)
             wide = states[-1]
             for name, tensor in wide.items():
-                if tensor.shape[0] == VOCAB and tensor.dim() == 2:
+                if name in VOCAB_TENSORS:
                     extra = 0.02 * torch.randn(
                         len(ADDED_TOKENS), tensor.shape[1], generator=generator
                     )

@@ -21,6 +21,7 @@ import yaml
 from compat_models import (
     ADDED_TOKENS,
     VOCAB,
+    VOCAB_TENSORS,
     BackgroundRuns,
     Families,
     checkpoint_tensors,
@@ -31,7 +32,6 @@ from mergekit.merge_methods import merge_tensors
 from test_method import expected_merge
 from test_modifier import nan_weights, relative_error, report
 
-VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
 NAN_TOLERANCE = 1e-6
 TIES_TOLERANCE = 2e-6
 DENSITY = 0.5
