@@ -21,7 +21,8 @@ full-size temporary is allocated and small task vectors do not cancel.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 
@@ -84,6 +85,27 @@ def _squares(part: torch.Tensor, dtype: torch.dtype, wide: torch.dtype) -> torch
         return total
     tail = part.narrow(0, rows * NORM_ROW_ELEMENTS, part.numel() - rows * NORM_ROW_ELEMENTS)
     return total + torch.linalg.vector_norm(tail, dtype=dtype).to(wide).square()
+
+
+@contextmanager
+def _one_cpu_thread(device: torch.device) -> Iterator[None]:
+    """Run torch's CPU kernels on one thread inside the block (other devices: unchanged).
+
+    The norm pass is thousands of small, cache-sized operations; splitting each
+    across threads gains little and makes every one wait at a barrier for all
+    threads. When other processes share the cores, that wait is a scheduler
+    time slice: on two busy cores the pass took 10 to 30 times longer
+    multi-threaded than on one thread.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _norms_in(
@@ -162,12 +184,14 @@ def frobenius_norms(
         window = buffer.numel()
         if numel >= 2 * window:
             base_buffer = scratch.view(-1).narrow(0, window, window)
-    norms = _norms_in(tensors, base, dtype, buffer, base_buffer)
+    with _one_cpu_thread(device):
+        norms = _norms_in(tensors, base, dtype, buffer, base_buffer)
     if bool(torch.isfinite(norms).all()):
         return norms
     # Rare path: overflow of the float32 accumulation, or non-finite inputs.
     wide_buffer = torch.empty(min(chunk, numel), dtype=torch.float64, device=device)
-    wide = _norms_in(tensors, base, torch.float64, wide_buffer)
+    with _one_cpu_thread(device):
+        wide = _norms_in(tensors, base, torch.float64, wide_buffer)
     if bool(torch.isfinite(wide).all()):
         return wide
     bad = tuple(
