@@ -37,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -142,8 +143,39 @@ def command_for(variant: Variant, config: Path, out: Path, extra: Sequence[str])
     return [script, str(config), str(out), *COMMON_FLAGS, *extra]
 
 
-def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int]:
-    """Run one merge as a child; return (wall seconds, peak RSS bytes). Deletes the output."""
+class _RssSampler(threading.Thread):
+    """Polls ``/proc/PID/status`` of a child: peak anonymous and file-backed resident bytes.
+
+    ``ru_maxrss`` counts both; the split shows how much of a peak is clean,
+    reclaimable file pages (memory-mapped safetensors) rather than memory the
+    merge allocated. Sampled, so a peak shorter than the interval can be missed.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        super().__init__(daemon=True)
+        self.status = Path(f"/proc/{pid}/status")
+        self.interval = interval
+        self.peaks = {"RssAnon": 0, "RssFile": 0}
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        while not self.finished.is_set():
+            try:
+                text = self.status.read_text()
+            except OSError:
+                return
+            for line in text.splitlines():
+                key, _, value = line.partition(":")
+                if key in self.peaks:
+                    self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
+            self.finished.wait(self.interval)
+
+
+def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int, int, int]:
+    """Run one merge as a child; return wall seconds and peak RSS, anonymous and file bytes.
+
+    The peak RSS is the child's ``ru_maxrss``; the split is sampled. Deletes the output.
+    """
     if out.exists():
         shutil.rmtree(out)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -151,15 +183,19 @@ def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int]:
     with open(log, "w") as stream:
         started = time.perf_counter()
         child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
+        sampler = _RssSampler(child.pid)
+        sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
         wall = time.perf_counter() - started
+        sampler.finished.set()
+        sampler.join()
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise RuntimeError(
             f"{' '.join(command[:2])} failed ({code}); see the log:\n" + log.read_text()[-3000:]
         )
     shutil.rmtree(out)
-    return wall, usage.ru_maxrss * 1024
+    return wall, usage.ru_maxrss * 1024, sampler.peaks["RssAnon"], sampler.peaks["RssFile"]
 
 
 def warm_page_cache(paths: Sequence[Path]) -> None:
@@ -203,8 +239,8 @@ def measure_merges(
                     continue
                 out = work / f"out-{variant.recipe.replace('+', '_')}-{variant.command}"
                 command = command_for(variant, files[variant.recipe], out, extra)
-                wall, rss = run_merge(command, out)
-                results.append(Measurement(label, variant.name, number, wall, rss))
+                wall, rss, anon, mapped = run_merge(command, out)
+                results.append(Measurement(label, variant.name, number, wall, rss, anon, mapped))
                 save(results)
                 print(
                     f"round {number} {variant.name:>14}: {wall:7.2f} s, {rss / 2**30:6.3f} GiB",

@@ -25,6 +25,10 @@ class Measurement:
     round: int
     wall_s: float
     max_rss: int
+    peak_anon: int = 0
+    """Sampled peak of anonymous resident memory (0: not sampled)."""
+    peak_file: int = 0
+    """Sampled peak of file-backed resident memory, e.g. memory-mapped inputs."""
 
 
 def machine() -> Dict[str, str]:
@@ -89,8 +93,13 @@ def per_round(results: Sequence[Measurement]) -> List[str]:
     lines = []
     for pair in dict.fromkeys(r.pair for r in results):
         for method in dict.fromkeys(r.method for r in results if r.pair == pair):
-            walls = [f"{r.wall_s:.2f}" for r in results if r.pair == pair and r.method == method]
-            lines.append(f"- {pair}: {method} wall (s) per round {' / '.join(walls)}")
+            mine = [r for r in results if r.pair == pair and r.method == method]
+            walls = " / ".join(f"{r.wall_s:.2f}" for r in mine)
+            split = " / ".join(f"{r.peak_anon / GIB:.2f} + {r.peak_file / GIB:.2f}" for r in mine)
+            lines.append(
+                f"- {pair}: {method} wall (s) per round {walls}; "
+                f"sampled peak RSS anonymous + file-backed (GiB) {split}"
+            )
     return lines
 
 
@@ -121,6 +130,10 @@ def norm_table(norms: Mapping[str, float], device: str) -> List[str]:
     ]
 
 
+def _sampled(values: Sequence[int]) -> str:
+    return f"{_median(values) / MIB:.0f}" if values and min(values) > 0 else "-"
+
+
 def size_table(payloads: Sequence[Mapping[str, object]]) -> List[str]:
     """Markdown: peak RSS of ``nan`` and ``linear`` against model size, one row per run.
 
@@ -130,16 +143,18 @@ def size_table(payloads: Sequence[Mapping[str, object]]) -> List[str]:
     lines = [
         "| model | out shard size | parameters | inputs | largest tensor (M elements) "
         "| largest x inputs, bf16 (MiB) | all inputs, bf16 (MiB) "
-        "| peak RSS nan (MiB) | peak RSS linear (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| peak RSS nan (MiB) | peak RSS linear (MiB) | of which anonymous, nan / linear (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for payload in payloads:
         model = payload["model"]
         merges = payload["merges"]
-        rss = {
-            m: [r["max_rss"] for r in merges if r["pair"] == "nan vs linear" and r["method"] == m]
+        mine = {
+            m: [r for r in merges if r["pair"] == "nan vs linear" and r["method"] == m]
             for m in ("nan", "linear")
         }
+        rss = {m: [r["max_rss"] for r in rows] for m, rows in mine.items()}
+        anon = {m: [r.get("peak_anon", 0) for r in rows] for m, rows in mine.items()}
         if not rss["nan"] or not rss["linear"]:
             continue
         inputs, largest = model["inputs"], model["largest_numel"]
@@ -148,7 +163,8 @@ def size_table(payloads: Sequence[Mapping[str, object]]) -> List[str]:
             f"| {model['parameters'] / 1e6:.2f}M | {inputs} "
             f"| {largest / 1e6:.2f} | {largest * inputs * 2 / MIB:.0f} "
             f"| {model['parameters'] * inputs * 2 / MIB:.0f} "
-            f"| {_median(rss['nan']) / MIB:.0f} | {_median(rss['linear']) / MIB:.0f} |"
+            f"| {_median(rss['nan']) / MIB:.0f} | {_median(rss['linear']) / MIB:.0f} "
+            f"| {_sampled(anon['nan'])} / {_sampled(anon['linear'])} |"
         )
     return lines
 

@@ -97,7 +97,9 @@ def test_overhead_tiny(tmp_path: Path) -> None:
     table = _run("overhead.py", "--size-table", str(out))
     linear = [m["max_rss"] for m in payload["merges"] if m["method"] == "linear"]
     row = "| tiny | 5B (default) | 0.12M | 4 | 0.02 | 0 | 1 |"
-    assert row in table and f"| {linear[0] / 2**20:.0f} |" in table
+    assert row in table and f"| {linear[0] / 2**20:.0f} | " in table
+    for merge in payload["merges"]:
+        assert 0 < merge["peak_anon"] <= merge["max_rss"] and merge["peak_file"] > 0
 
 
 def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
