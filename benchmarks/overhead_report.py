@@ -131,7 +131,8 @@ def norm_table(norms: Mapping[str, float], device: str) -> List[str]:
 
 
 def _sampled(values: Sequence[int]) -> str:
-    return f"{_median(values) / MIB:.0f}" if values and min(values) > 0 else "-"
+    sampled = [v for v in values if v > 0]  # 0: a run from before the split was sampled
+    return f"{_median(sampled) / MIB:.0f}" if sampled else "-"
 
 
 def size_table(payloads: Sequence[Mapping[str, object]]) -> List[str]:
