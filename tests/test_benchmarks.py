@@ -110,7 +110,7 @@ def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
     out.write_text(json.dumps({"model": {"size": "tiny"}, "merges": [{**earlier, "max_rss": 123}]}))
     _run("overhead.py", *common, "--rounds", "1", "--resume")
     merges = json.loads(out.read_text())["merges"]
-    assert merges[0] == {**earlier, "max_rss": 123}
+    assert merges[0] == {**earlier, "max_rss": 123, "peak_anon": 0, "peak_file": 0}
     assert [(m["round"], m["method"]) for m in merges[1:]] == [(0, "linear")]
     assert merges[1]["wall_s"] > 0 and merges[1]["max_rss"] > 2**20
 
