@@ -12,9 +12,15 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
+from hypothesis import settings
 from safetensors.torch import load_file
 
 from mergekit_nan.tiny import write_family
+
+# Property tests draw a fixed example sequence: a failure reproduces, and no run passes or
+# fails by the luck of the draw.
+settings.register_profile("mergekit-nan", derandomize=True, database=None)
+settings.load_profile("mergekit-nan")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -91,12 +91,20 @@ def test_coefficients_are_ordered_inversely_to_the_norms(norms, exponent):
 def test_scaling_every_task_vector_by_one_factor_changes_nothing(
     seed, count, numel, with_base, factor, exponent
 ):
-    tuned, base = tensors_for(seed, count, numel, with_base)
-    # x_i -> factor * x_i; powers of two keep the scaled inputs exact in float32.
-    origin = base if base is not None else torch.zeros(numel)
-    scaled = [origin + factor * (t - origin) for t in tuned]
-    before = tensor_coefficients(tuned, base, exponent=exponent)
-    after = tensor_coefficients(scaled, base, exponent=exponent)
+    """x_i -> c * x_i for every i leaves the coefficients as they are."""
+    # Inputs on a coarse grid, so every theta_i, theta_base + factor * x_i and every
+    # difference is exact in float32: only the norm pass itself may round.
+    generator = torch.Generator().manual_seed(seed)
+    origin = torch.randint(-1000, 1000, (numel,), generator=generator).float()
+    if not with_base:
+        origin = torch.zeros(numel)
+    deltas = [
+        torch.randint(-50, 51, (numel,), generator=generator).float() / 8 for _ in range(count)
+    ]
+    deltas = [d if bool(d.any()) else d + 1 for d in deltas]
+    base = origin if with_base else None
+    before = tensor_coefficients([origin + d for d in deltas], base, exponent=exponent)
+    after = tensor_coefficients([origin + factor * d for d in deltas], base, exponent=exponent)
     assert torch.allclose(before, after, rtol=1e-5, atol=0)
 
 
