@@ -298,6 +298,7 @@ def merge_command(
     """
     from mergekit.common import parse_kmb
 
+    from mergekit_nan.guard import suspended
     from mergekit_nan.inspect import load_recipe
     from mergekit_nan.merge import merge_recipe
 
@@ -313,15 +314,16 @@ def merge_command(
         }
     )
     source = Path(config_file).read_text(encoding="utf-8")
-    result = merge_recipe(
-        load_recipe(config_file),
-        out_path,
-        options,
-        granularity=arguments["granularity"],
-        config_source=source,
-        save_frozen=save_frozen,
-        source_name=os.path.basename(config_file),
-    )
+    with suspended():  # the preflight has reported every finding already
+        result = merge_recipe(
+            load_recipe(config_file),
+            out_path,
+            options,
+            granularity=arguments["granularity"],
+            config_source=source,
+            save_frozen=save_frozen,
+            source_name=os.path.basename(config_file),
+        )
     if save_frozen:
         click.echo(f"Wrote {save_frozen}")
     click.echo(f"Merged {config_file} into {out_path} ({result.granularity} granularity)")

@@ -21,21 +21,27 @@ error in the stock commands, which can only compute per-tensor coefficients.
 The guard never changes a plan. For recipes without NAN it does nothing at
 all, and if anything about mergekit's internals is not as expected it falls
 silent rather than getting in mergekit's way. Planners that mergekit-nan runs
-itself (``inspect``, ``check``) set ``_mergekit_nan_unguarded = True``.
+itself (``inspect``, ``check``) set ``_mergekit_nan_unguarded = True``; a
+command that has just run the same checks itself (``mergekit-nan merge``)
+merges inside :func:`suspended`, so each finding is reported once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from typing import Any, Iterable, List, Optional, Set, Tuple
+from contextvars import ContextVar
+from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
 
 from mergekit_nan.errors import RecipeError
 from mergekit_nan.findings import Finding
 
-__all__ = ["STOCK_ONLY_ERRORS", "install_guard"]
+__all__ = ["STOCK_ONLY_ERRORS", "install_guard", "suspended"]
 
 LOG = logging.getLogger("mergekit_nan")
+
+_SUSPENDED: ContextVar[bool] = ContextVar("mergekit_nan_guard_suspended", default=False)
 
 STOCK_ONLY_ERRORS = ("granularity-needs-merge",)
 """Finding codes that are fine for ``mergekit-nan merge`` but errors in the stock commands."""
@@ -86,7 +92,7 @@ def _as_error(finding: Finding) -> Finding:
 
 def _start(planner: Any) -> Optional[_Guard]:
     """Check the recipe before planning; None when the guard has nothing to say."""
-    if getattr(planner, "_mergekit_nan_unguarded", False):
+    if _SUSPENDED.get() or getattr(planner, "_mergekit_nan_unguarded", False):
         return None
     try:
         from mergekit_nan.recipe_checks import involves_nan, recipe_findings
@@ -114,6 +120,16 @@ def _finish(guard: _Guard, planner: Any) -> None:
         LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
         return
     guard.report(findings)
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """No guard inside this block: for callers that have just run the same checks."""
+    token = _SUSPENDED.set(True)
+    try:
+        yield
+    finally:
+        _SUSPENDED.reset(token)
 
 
 def install_guard() -> None:

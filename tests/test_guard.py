@@ -184,3 +184,28 @@ def test_installing_the_guard_twice_wraps_the_planner_once():
     guard.install_guard()
     assert MergePlanner._plan is wrapped and wrapped._mergekit_nan
     assert not getattr(wrapped.__wrapped__, "_mergekit_nan", False)
+
+
+def test_mergekit_nan_merge_reports_each_finding_once(family, tmp_path):
+    """merge runs the checks itself, then merges with the guard suspended."""
+    config = recipe(family, "nan", nan_exponet=2.0)
+    path = tmp_path / "typo.yml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "merged"
+    result = subprocess.run(
+        [
+            mergekit_command("mergekit-nan"),
+            "merge",
+            str(path),
+            str(out),
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (out / "config.json").exists()
+    lines = [x for x in result.stderr.splitlines() if "nan_exponet" in x]
+    assert len(lines) == 1 and "did you mean `nan_exponent`?" in lines[0], result.stderr
