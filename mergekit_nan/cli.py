@@ -125,7 +125,8 @@ def _inspect(config_file: str, arguments: Dict[str, Any]):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mergekit-nan", prog_name="mergekit-nan")
 def main() -> None:
-    """NAN merge coefficients (arXiv 2505.16148): see them, plot them, freeze them."""
+    """NAN merge coefficients (arXiv 2505.16148): check a recipe, see, plot and freeze
+    the coefficients, or merge at tensor, layer or model granularity."""
 
 
 @main.command("inspect")
