@@ -1,4 +1,4 @@
-"""``mergekit-nan``: inspect, plot and freeze NAN coefficients; check any recipe; run the demo.
+"""``mergekit-nan``: check any recipe; inspect, plot and freeze NAN coefficients; merge; run the demo.
 
 Errors end the command with one line on stderr and exit status 1, before any
 output file is touched (``-v`` shows the traceback instead).
