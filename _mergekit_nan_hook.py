@@ -7,7 +7,7 @@ Installed by ``mergekit_nan.pth`` (and ``mergekit_nan.start``, PEP 829).
   methods are registered (:func:`register`);
 * ``mergekit.plan``: once it has executed, the recipe guard is put on
   mergekit's planner (:func:`guard`), so the stock commands report NAN recipe
-  mistakes before anything is written (see ``mergekit_nan.guard``).
+  mistakes before anything is written (see ``mergekit_nan.doctor.guard``).
 
 At interpreter start-up this imports nothing but ``sys``; it never raises
 there, and installing twice is harmless.
@@ -92,7 +92,7 @@ def guard():
     internals have moved, mergekit runs exactly as without the plugin.
     """
     try:
-        from mergekit_nan.guard import install_guard
+        from mergekit_nan.doctor.guard import install_guard
 
         install_guard()
     except Exception:  # never break mergekit because of the guard

@@ -2,6 +2,18 @@
 
 Importing this package registers the ``nan`` method and the ``<method>+nan``
 composites with mergekit (the installed start-up hook does the same lazily).
+
+The package has three parts:
+
+* the NAN core, at the package root: ``coefficients`` (norms to coefficients,
+  plain torch), ``parameters``, ``weighting`` (one tensor group), ``granularity``,
+  ``measure``, ``method`` (``nan``), ``modifier`` (``<method>+nan``),
+  ``registration``, ``planning`` and ``errors``;
+* ``doctor``: the recipe checks behind ``mergekit-nan check`` and the guard
+  of the stock commands;
+* ``commands``: the ``mergekit-nan`` command line and its jobs.
+
+Imports run one way: commands -> doctor -> core. The core imports neither.
 """
 
 from mergekit_nan.coefficients import (

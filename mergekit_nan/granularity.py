@@ -31,8 +31,8 @@ from typing import Any, Dict, Hashable, Iterable, List, Mapping, Optional, Tuple
 from mergekit.config import MergeConfiguration
 
 from mergekit_nan.errors import RecipeError
-from mergekit_nan.group import Weighting
 from mergekit_nan.parameters import NAN_GRANULARITIES, NAN_GRANULARITY, Granularity
+from mergekit_nan.weighting import Weighting
 
 __all__ = [
     "checked_granularity",

@@ -5,7 +5,7 @@ use, so it runs the planner's ``ExecuteMergeMethodTask`` itself, unchanged:
 mergekit's optional-tensor policy, input validation, non-floating buffer
 copies, parameter binding and dtype choice all stay mergekit's. Inside
 :func:`measuring`, a :class:`MeasurableMethod` answers the adapter's call with
-its :class:`~mergekit_nan.group.Weighting` for each group where it would merge.
+its :class:`~mergekit_nan.weighting.Weighting` for each group where it would merge.
 Outside it, nothing changes. The adapter passes the value through, so a task
 then yields a ``Weighting`` (NAN weighed the tensor), a tensor (mergekit
 copied or passed it through without NAN) or None (mergekit skips it).
@@ -21,7 +21,7 @@ import torch
 from mergekit.merge_methods.base import BatchOptions, GroupMergeMethod, TensorGroup
 from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
 
-from mergekit_nan.group import Weighting
+from mergekit_nan.weighting import Weighting
 
 __all__ = ["MeasurableMethod", "measuring"]
 

@@ -31,9 +31,9 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.coefficients import accumulation_dtype
-from mergekit_nan.group import Weighting, check_scale, group_weighting, uses_base
 from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
+from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
 

@@ -30,9 +30,9 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
-from mergekit_nan.group import Weighting, check_scale, group_weighting
 from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
+from mergekit_nan.weighting import Weighting, check_scale, group_weighting
 
 __all__ = ["COMPOSITE_SUFFIX", "NanCoefficients", "nan_coefficients", "takes_weight"]
 

@@ -15,7 +15,7 @@ import yaml
 from hypothesis import settings
 from safetensors.torch import load_file
 
-from mergekit_nan.tiny import write_family
+from mergekit_nan.commands.tiny import write_family
 
 # Property tests draw a fixed example sequence: a failure reproduces, and no run passes or
 # fails by the luck of the draw.

@@ -25,9 +25,9 @@ from click.testing import CliRunner
 from conftest import load_model_tensors, mergekit_command
 from transformers import LlamaForCausalLM
 
-from mergekit_nan.check import check_recipe
-from mergekit_nan.cli import main
-from mergekit_nan.tiny import tiny_llama_config, write_model
+from mergekit_nan.commands.cli import main
+from mergekit_nan.commands.tiny import tiny_llama_config, write_model
+from mergekit_nan.doctor.check import check_recipe
 
 
 def invoke(*args):
@@ -462,7 +462,7 @@ def test_installed_command(family, tmp_path):
 
 
 def test_recipe_findings_come_through_once(family, tmp_path):
-    from mergekit_nan.recipe_checks import recipe_findings
+    from mergekit_nan.doctor.recipe_checks import recipe_findings
 
     data = nan_recipe(family[0], *family[1:], parameters={"nan_exponet": 2.0})
     expected = recipe_findings(data)

@@ -23,9 +23,9 @@ from click.testing import CliRunner
 from conftest import load_model_tensors, mergekit_command, run_mergekit_yaml
 from mergekit.config import ConditionalParameter, evaluate_setting
 
-from mergekit_nan.cli import main
-from mergekit_nan.freeze import _setting
-from mergekit_nan.tiny import tiny_llama_config, write_family
+from mergekit_nan.commands.cli import main
+from mergekit_nan.commands.freeze import _setting
+from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 
 LAYERS = 2
 NON_LAYER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
@@ -452,7 +452,7 @@ MEMORY_PROBE = r"""
 import json, resource, sys
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
-from mergekit_nan.inspect import inspect_recipe
+from mergekit_nan.commands.inspect import inspect_recipe
 
 def peak_kib():
     with open("/proc/self/status") as f:

@@ -20,8 +20,8 @@ import yaml
 from click.testing import CliRunner
 from conftest import load_model_tensors, run_mergekit_yaml
 
-from mergekit_nan.cli import main
 from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, frobenius_norms, tensor_coefficients
+from mergekit_nan.commands.cli import main
 
 pytestmark = [
     pytest.mark.cuda,

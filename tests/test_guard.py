@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import mergekit_command, run_mergekit_yaml
 
-from mergekit_nan import guard
+from mergekit_nan.doctor import guard
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 

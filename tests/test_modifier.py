@@ -28,8 +28,8 @@ from mergekit.merge_methods import (
 )
 
 from mergekit_nan import modifiable_methods, nan_coefficients
+from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 from mergekit_nan.errors import RecipeError
-from mergekit_nan.tiny import tiny_llama_config, write_family
 
 MODELS = ("a", "b", "c")
 TOLERANCE = 2e-6

@@ -19,8 +19,8 @@ from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 from safetensors import safe_open
 
-from mergekit_nan.findings import Finding
-from mergekit_nan.recipe_checks import involves_nan, planned_findings, recipe_findings
+from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.recipe_checks import involves_nan, planned_findings, recipe_findings
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_configs"
 BASE, FT0, FT1, FT2 = "org/base", "org/ft0", "org/ft1", "org/ft2"

@@ -50,12 +50,12 @@ from mergekit_nan.granularity import (
     resolve_granularity,
     without_granularity,
 )
-from mergekit_nan.group import Weighting
 from mergekit_nan.measure import measuring
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
 from mergekit_nan.registration import modifiable_methods, register_methods
+from mergekit_nan.weighting import Weighting
 
 __all__ = [
     "GRANULARITIES",

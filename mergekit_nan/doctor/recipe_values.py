@@ -32,7 +32,7 @@ from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskAr
 from pydantic import ValidationError
 from typing_extensions import Literal
 
-from mergekit_nan.findings import Finding, Level
+from mergekit_nan.doctor.findings import Finding, Level
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients, takes_weight
 

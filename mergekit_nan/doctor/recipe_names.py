@@ -1,7 +1,7 @@
 """Findings about names in a recipe: the method, parameter keys, ``nan_granularity``.
 
 Each function returns the finding for one place (``where``, a path into the
-recipe as written); :mod:`mergekit_nan.recipe_checks` decides where to look.
+recipe as written); :mod:`mergekit_nan.doctor.recipe_checks` decides where to look.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import mergekit.merge_methods.registry as registry
 from mergekit import merge_methods
 from mergekit.merge_methods.base import MergeMethod
 
-from mergekit_nan.findings import Finding
+from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.recipe_walk import Scope
 from mergekit_nan.modifier import COMPOSITE_SUFFIX
 from mergekit_nan.parameters import NAN_GRANULARITIES, NAN_GRANULARITY
-from mergekit_nan.recipe_walk import Scope
 from mergekit_nan.registration import (
     UnknownCompositeError,
     modifiable_methods,

@@ -3,10 +3,10 @@
 At ``tensor`` granularity the recipe goes straight to mergekit's ``run_merge``
 (no extra pass), so the output is bit-identical to ``mergekit-yaml RECIPE``.
 At ``layer`` and ``model`` granularity the coefficients need norms pooled over
-many tensors: :func:`~mergekit_nan.inspect.inspect_recipe` measures every
+many tensors: :func:`~mergekit_nan.commands.inspect.inspect_recipe` measures every
 tensor's norms in one streaming pass (one tensor per input in memory), the
 coefficients are frozen into a stock recipe
-(:func:`~mergekit_nan.freeze.freeze_recipe`) and ``run_merge`` merges that
+(:func:`~mergekit_nan.commands.freeze.freeze_recipe`) and ``run_merge`` merges that
 recipe with the user's options. The output therefore equals ``mergekit-nan
 freeze --granularity X`` followed by the stock ``mergekit-yaml`` on the frozen
 recipe. Nothing is written to the output directory before the pass succeeded.
@@ -36,12 +36,12 @@ from mergekit.io.tasks import LoaderCache
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from mergekit_nan.freeze import freeze_recipe, frozen_yaml
+from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
+from mergekit_nan.commands.inspect import Inspection, inspect_recipe, require_nan_recipe
+from mergekit_nan.commands.report import format_table, write_files
 from mergekit_nan.granularity import resolve_granularity, without_granularity
-from mergekit_nan.inspect import Inspection, inspect_recipe, require_nan_recipe
 from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import Granularity
-from mergekit_nan.report import format_table, write_files
 
 __all__ = ["FROZEN_FILE", "MergeResult", "merge_recipe", "nan_card_section"]
 

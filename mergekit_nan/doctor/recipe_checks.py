@@ -35,10 +35,8 @@ from mergekit import merge_methods
 from mergekit.merge_methods.base import BasePolicy, MergeMethod, ParameterScope, ParameterSpec
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
-from mergekit_nan.findings import Finding
-from mergekit_nan.modifier import COMPOSITE_SUFFIX
-from mergekit_nan.parameters import NAN_GRANULARITY, NAN_NORM
-from mergekit_nan.recipe_names import (
+from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.recipe_names import (
     NAN_PREFIX,
     forgotten_nan,
     granularity_findings,
@@ -47,7 +45,7 @@ from mergekit_nan.recipe_names import (
     unknown_method,
     unknown_parameter,
 )
-from mergekit_nan.recipe_values import (
+from mergekit_nan.doctor.recipe_values import (
     Limit,
     Problem,
     WeightRule,
@@ -57,7 +55,7 @@ from mergekit_nan.recipe_values import (
     weight_problems,
     weight_rule,
 )
-from mergekit_nan.recipe_walk import (
+from mergekit_nan.doctor.recipe_walk import (
     Group,
     Scope,
     groups,
@@ -66,6 +64,8 @@ from mergekit_nan.recipe_walk import (
     scopes,
     varying_parameters,
 )
+from mergekit_nan.modifier import COMPOSITE_SUFFIX
+from mergekit_nan.parameters import NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.registration import register_methods
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""Render an :class:`~mergekit_nan.inspect.Inspection`: tables, JSON, CSV and a heatmap.
+"""Render an :class:`~mergekit_nan.commands.inspect.Inspection`: tables, JSON, CSV and a heatmap.
 
 Every file is written atomically: :func:`write_files` renders all requested
 outputs to temporary files next to their targets and renames them only when
@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 
-from mergekit_nan.inspect import Inspection, TensorCoefficients
+from mergekit_nan.commands.inspect import Inspection, TensorCoefficients
 
 __all__ = [
     "MissingPlotDependency",

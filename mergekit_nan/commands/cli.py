@@ -98,7 +98,7 @@ def _check_writable(*paths: Optional[str]) -> None:
 
 def _preflight(config_file: str, arguments: Dict[str, Any]) -> None:
     """Run ``check`` first: warnings go to stderr; the first error stops the command (exit 1)."""
-    from mergekit_nan.check import check_recipe
+    from mergekit_nan.doctor.check import check_recipe
 
     report = check_recipe(config_file, options=_merge_options(arguments))
     if report.errors:
@@ -113,7 +113,7 @@ def _preflight(config_file: str, arguments: Dict[str, Any]) -> None:
 
 
 def _inspect(config_file: str, arguments: Dict[str, Any]):
-    from mergekit_nan.inspect import inspect_recipe, load_recipe
+    from mergekit_nan.commands.inspect import inspect_recipe, load_recipe
 
     _preflight(config_file, arguments)
     config = load_recipe(config_file)
@@ -151,7 +151,7 @@ def inspect_command(
     alpha_i (lambda scales the merged task vector); for <method>+nan the
     weight values handed to <method>.
     """
-    from mergekit_nan import report
+    from mergekit_nan.commands import report
 
     _check_writable(json_file, csv_file, plot_file)
     if plot_file:
@@ -182,8 +182,8 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     through conditional filters at --granularity tensor and layer, one weight
     per model at --granularity model.
     """
-    from mergekit_nan.freeze import freeze_recipe, frozen_yaml
-    from mergekit_nan.report import write_files
+    from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
+    from mergekit_nan.commands.report import write_files
 
     _check_writable(output)
     inspection = _inspect(config_file, arguments)
@@ -232,8 +232,8 @@ def check_command(
 
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.check import check_recipe
-    from mergekit_nan.report import write_files
+    from mergekit_nan.commands.report import write_files
+    from mergekit_nan.doctor.check import check_recipe
 
     _check_writable(json_file)
     options = MergeOptions(
@@ -299,9 +299,9 @@ def merge_command(
     """
     from mergekit.common import parse_kmb
 
-    from mergekit_nan.guard import suspended
-    from mergekit_nan.inspect import load_recipe
-    from mergekit_nan.merge import merge_recipe
+    from mergekit_nan.commands.inspect import load_recipe
+    from mergekit_nan.commands.merge import merge_recipe
+    from mergekit_nan.doctor.guard import suspended
 
     _check_writable(save_frozen)
     _preflight(config_file, arguments)
@@ -342,6 +342,6 @@ def merge_command(
 @_reported
 def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
     """Merge three tiny fine-tunes with nan, offline, and show the coefficients used."""
-    from mergekit_nan.demo import run_demo
+    from mergekit_nan.commands.demo import run_demo
 
     run_demo(None if out is None else Path(out), keep=keep, echo=click.echo)

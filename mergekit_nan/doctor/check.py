@@ -3,18 +3,18 @@
 :func:`check_recipe` never reads tensor data, so it answers in seconds even
 for a 70B recipe. Per recipe document it collects:
 
-1. the recipe's own findings (:func:`mergekit_nan.recipe_checks.recipe_findings`);
-2. the models' findings (:mod:`mergekit_nan.model_checks`, from
-   :mod:`mergekit_nan.model_files`): found offline, complete, same
+1. the recipe's own findings (:func:`mergekit_nan.doctor.recipe_checks.recipe_findings`);
+2. the models' findings (:mod:`mergekit_nan.doctor.model_checks`, from
+   :mod:`mergekit_nan.doctor.model_files`): found offline, complete, same
    architecture, vocabulary and dtype;
 3. mergekit's plan: the stock planner (``MergePlanner._plan``) run with
    loaders built from the safetensors headers and with the Hugging Face hub
    in offline mode, so planning reads ``config.json``, index files and
    headers only. A planner failure becomes one ``plan-failed`` error. The
    plan gives the per-tensor parameters
-   (:func:`mergekit_nan.recipe_checks.planned_findings`) and the input
+   (:func:`mergekit_nan.doctor.recipe_checks.planned_findings`) and the input
    tensors of every output tensor (``shape-mismatch``);
-4. the job estimate (:mod:`mergekit_nan.estimate`) and, with ``out_path``,
+4. the job estimate (:mod:`mergekit_nan.doctor.estimate`) and, with ``out_path``,
    ``disk-space``.
 
 A multi-document recipe (``mergekit-multi``) is checked document by
@@ -35,11 +35,11 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 import yaml
 from mergekit.options import MergeOptions
 
+from mergekit_nan.doctor.estimate import Estimate, estimate_job
+from mergekit_nan.doctor.findings import Finding, format_findings
+from mergekit_nan.doctor.model_checks import model_findings, shape_findings
+from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor, collect_models
 from mergekit_nan.errors import RecipeError
-from mergekit_nan.estimate import Estimate, estimate_job
-from mergekit_nan.findings import Finding, format_findings
-from mergekit_nan.model_checks import model_findings, shape_findings
-from mergekit_nan.model_files import ModelFacts, PlannedTensor, collect_models
 
 __all__ = ["CheckReport", "check_recipe"]
 
@@ -265,7 +265,7 @@ def _plan_findings(
     tokenizer_set: bool,
 ) -> Tuple[List[Finding], Optional[List[PlannedTensor]]]:
     """Plan when every model is there: the plan's findings and its tensors (None: no plan)."""
-    from mergekit_nan.recipe_checks import planned_findings
+    from mergekit_nan.doctor.recipe_checks import planned_findings
 
     waiting = sorted({r.model.path for r in config.referenced_models()} & set(produced))
     if waiting:
@@ -303,7 +303,7 @@ def _check_document(
     from mergekit.config import MergeConfiguration
     from pydantic import ValidationError
 
-    from mergekit_nan.recipe_checks import recipe_findings
+    from mergekit_nan.doctor.recipe_checks import recipe_findings
 
     findings: List[Finding] = []
     try:

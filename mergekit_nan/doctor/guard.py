@@ -34,8 +34,8 @@ import logging
 from contextvars import ContextVar
 from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
 
+from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.errors import RecipeError
-from mergekit_nan.findings import Finding
 
 __all__ = ["STOCK_ONLY_ERRORS", "install_guard", "suspended"]
 
@@ -95,7 +95,7 @@ def _start(planner: Any) -> Optional[_Guard]:
     if _SUSPENDED.get() or getattr(planner, "_mergekit_nan_unguarded", False):
         return None
     try:
-        from mergekit_nan.recipe_checks import involves_nan, recipe_findings
+        from mergekit_nan.doctor.recipe_checks import involves_nan, recipe_findings
 
         data = planner.config.model_dump(mode="json", exclude_none=True)
         if not involves_nan(data):
@@ -113,7 +113,7 @@ def _start(planner: Any) -> Optional[_Guard]:
 def _finish(guard: _Guard, planner: Any) -> None:
     """Check the per-tensor values mergekit resolved, before anything is executed."""
     try:
-        from mergekit_nan.recipe_checks import planned_findings
+        from mergekit_nan.doctor.recipe_checks import planned_findings
 
         findings = planned_findings(planner)
     except Exception as error:

@@ -1,6 +1,6 @@
 """Findings about a recipe's models: what ``mergekit-nan check`` sees without tensor data.
 
-From :mod:`mergekit_nan.model_files` (configs and safetensors headers):
+From :mod:`mergekit_nan.doctor.model_files` (configs and safetensors headers):
 ``model-not-found``, ``incomplete-model`` (no config, no weights, a missing
 shard, a file shorter than its header says), ``shapes-unchecked`` (pickled
 weights), ``architecture-mismatch``, ``vocab-mismatch`` and
@@ -14,8 +14,8 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 
-from mergekit_nan.findings import Finding
-from mergekit_nan.model_files import ModelFacts, PlannedTensor, looks_like_repo
+from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor, looks_like_repo
 
 __all__ = ["model_findings", "shape_findings"]
 
