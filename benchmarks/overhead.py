@@ -40,6 +40,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -120,14 +121,18 @@ def _script(name: str) -> Optional[str]:
 
 @functools.cache
 def merge_model_flags() -> Optional[Tuple[str, ...]]:
-    """Flags of ``mergekit-nan merge`` shared with the stock side, or None if it is absent."""
-    script = _script("mergekit-nan")
-    if script is None:
+    """Flags of ``mergekit-nan merge`` shared with the stock side, or None if it is absent.
+
+    Read from the installed command's click definition (no child process).
+    """
+    found = entry_points(group="console_scripts", name="mergekit-nan")
+    if _script("mergekit-nan") is None or not found:
         return None
-    result = subprocess.run([script, "merge", "--help"], capture_output=True, text=True)
-    if result.returncode != 0:
+    merge = getattr(next(iter(found)).load(), "commands", {}).get("merge")
+    if merge is None:
         return None
-    return tuple(flag for flag in COMMON_FLAGS if flag in result.stdout)
+    declared = {n for p in merge.params for n in (*p.opts, *p.secondary_opts)}
+    return tuple(flag for flag in COMMON_FLAGS if flag in declared)
 
 
 def command_for(variant: Variant, config: Path, out: Path, extra: Sequence[str]) -> List[str]:

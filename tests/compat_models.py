@@ -1,4 +1,4 @@
-"""Tiny random checkpoints of several architectures, and a pool that runs stock commands.
+"""Tiny random checkpoints of several architectures.
 
 Used by the compatibility matrix (``test_compat.py``, ``test_compat_paths.py``).
 A family is a seeded random base plus fine-tunes that add Gaussian noise to
@@ -11,13 +11,10 @@ written once per test session and dtype.
 from __future__ import annotations
 
 import json
-import subprocess
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -262,48 +259,3 @@ class Families:
                 paths.append(path)
             self._built[key] = Family(arch, torch.float32, paths[0], tuple(paths[1:]))
         return self._built[key]
-
-
-class BackgroundRuns:
-    """Stock-command runs started ahead of the tests that check them, ``workers`` at a time.
-
-    A run of a stock mergekit command is a subprocess that spends most of its
-    few seconds importing; starting the runs of a module up front keeps both
-    cores busy while the tests check the outputs that are ready.
-    """
-
-    def __init__(self, workers: int = 2):
-        self._pool = ThreadPoolExecutor(max_workers=workers)
-        self._futures: Dict[str, Future] = {}
-
-    def start(self, key: str, run: Callable[[], subprocess.CompletedProcess]) -> None:
-        if key not in self._futures:
-            self._futures[key] = self._pool.submit(run)
-
-    def result(self, key: str) -> subprocess.CompletedProcess:
-        """The finished run ``key``; raises ``AssertionError`` with its stderr if it failed."""
-        result = self._futures[key].result()
-        if result.returncode != 0:
-            raise AssertionError(f"{key}: {result.args[0]} failed:\n{result.stderr[-4000:]}")
-        return result
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def selected_items(request: pytest.FixtureRequest) -> List[pytest.Item]:
-    """The collected test items of the requesting module (after ``-k`` and node ids)."""
-    return [
-        item for item in request.session.items if getattr(item, "module", None) is request.module
-    ]
-
-
-def selected_params(request: pytest.FixtureRequest, name: str) -> List:
-    """The values of parameter ``name`` among :func:`selected_items`, in test order."""
-    values: List = []
-    for item in selected_items(request):
-        callspec = getattr(item, "callspec", None)
-        if callspec is not None and name in callspec.params:
-            if callspec.params[name] not in values:
-                values.append(callspec.params[name])
-    return values

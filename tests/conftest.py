@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
-from typing import Dict, List
 
-import pytest
-import torch
-import yaml
-from hypothesis import settings
-from safetensors.torch import load_file
+# Before anything imports huggingface_hub, which reads these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from mergekit_nan.commands.tiny import write_family
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Dict, List  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from hypothesis import settings  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from stock import run_command  # noqa: E402
+
+from mergekit_nan.commands.tiny import write_family  # noqa: E402
 
 # Property tests draw a fixed example sequence: a failure reproduces, and no run passes or
 # fails by the luck of the draw.
 settings.register_profile("mergekit-nan", derandomize=True, database=None)
 settings.load_profile("mergekit-nan")
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
+    # The workers share the cores: one torch thread each, so no kernel waits at a
+    # thread barrier for a core that the other worker holds.
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -54,25 +62,14 @@ def run_mergekit_yaml(
 ) -> subprocess.CompletedProcess:
     """Write ``config`` next to ``out`` and run the stock ``mergekit-yaml`` on it.
 
-    The tiny fixtures have no tokenizer, so ``--no-copy-tokenizer`` is passed
-    unless ``copy_tokenizer``.
+    The command runs in this process (``stock.run_command``). The tiny fixtures
+    have no tokenizer, so ``--no-copy-tokenizer`` is passed unless ``copy_tokenizer``.
     """
     out.parent.mkdir(parents=True, exist_ok=True)
     config_path = out.parent / f"{out.name}.yml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            mergekit_command("mergekit-yaml"),
-            str(config_path),
-            str(out),
-            *(() if copy_tokenizer else ("--no-copy-tokenizer",)),
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    copy = () if copy_tokenizer else ("--no-copy-tokenizer",)
+    result = run_command("mergekit-yaml", str(config_path), str(out), *copy, *extra)
     if check and result.returncode != 0:
         raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
     return result

@@ -6,11 +6,11 @@ they never assert anything about speed or accuracy.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import io
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -18,6 +18,7 @@ from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
+from stock import command
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 PAIRS = ("nan vs linear", "ties+nan vs ties", "dare_ties+nan vs dare_ties")
@@ -26,17 +27,24 @@ MERGE_MODEL_PAIR = "nan [mergekit-nan merge --granularity model] vs nan [mergeki
 State = Dict[str, torch.Tensor]
 
 
+def _script(script: str) -> ModuleType:
+    """A benchmark script as a module (its own imports find its sibling modules)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    return importlib.import_module(Path(script).stem)
+
+
 def _run(script: str, *args: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result.stdout
+    """Run a benchmark script's ``main`` in this process; its stdout (it must exit 0)."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            code = _script(script).main(list(args))
+    finally:
+        torch.set_num_threads(threads)  # the quality benchmark runs on one thread
+    assert code == 0, stderr.getvalue()[-4000:]
+    return stdout.getvalue()
 
 
 def _finite(values: List[float]) -> bool:
@@ -44,11 +52,7 @@ def _finite(values: List[float]) -> bool:
 
 
 def _merge_command_present() -> bool:
-    script = Path(sys.executable).parent / "mergekit-nan"
-    if not script.exists():
-        return False
-    result = subprocess.run([str(script), "merge", "--help"], capture_output=True, text=True)
-    return result.returncode == 0
+    return "merge" in command("mergekit-nan").commands
 
 
 def test_overhead_tiny(tmp_path: Path) -> None:
@@ -183,24 +187,11 @@ def test_overhead_cuda_flag_needs_a_gpu(tmp_path: Path) -> None:
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is present; the flag is exercised by the full run")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(BENCHMARKS / "overhead.py"),
-            "--size",
-            "tiny",
-            "--cuda",
-            "--cache",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert result.returncode == 2
-    assert "--cuda needs a CUDA device" in result.stderr
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit:
+        _script("overhead.py").main(["--size", "tiny", "--cuda", "--cache", str(tmp_path)])
+    assert exit.value.code == 2
+    assert "--cuda needs a CUDA device" in stderr.getvalue()
 
 
 def test_quality_tiny(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ import math
 import os
 import shutil
 import struct
-import subprocess
 import time
 from collections import namedtuple
 from pathlib import Path
@@ -22,7 +21,8 @@ import safetensors
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors, mergekit_command
+from conftest import load_model_tensors
+from stock import run_command
 from transformers import LlamaForCausalLM
 
 from mergekit_nan.commands.cli import main
@@ -440,20 +440,8 @@ def test_inspect_and_freeze_print_warnings_and_go_on(family, odd, tmp_path):
 
 def test_installed_command(family, tmp_path):
     recipe = write_recipe(tmp_path / "r.yml", nan_recipe(family[0], *family[1:]))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     start = time.perf_counter()
-    result = subprocess.run(
-        [
-            mergekit_command("mergekit-nan"),
-            "check",
-            str(recipe),
-            "--json",
-            str(tmp_path / "r.json"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_command("mergekit-nan", "check", str(recipe), "--json", str(tmp_path / "r.json"))
     elapsed = time.perf_counter() - start
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-2] == "0 errors, 0 warnings"

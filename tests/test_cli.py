@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors, mergekit_command, run_mergekit_yaml
+from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import ConditionalParameter, evaluate_setting
+from stock import run_command
 
 from mergekit_nan.commands.cli import main
 from mergekit_nan.commands.freeze import _setting
@@ -510,13 +511,7 @@ def test_inspect_peak_memory_is_about_one_tensor_per_input(tmp_path):
 
 def test_demo_runs_offline_with_the_installed_command(tmp_path):
     out = tmp_path / "demo"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [mergekit_command("mergekit-nan"), "demo", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
+    result = run_command("mergekit-nan", "demo", "--out", str(out))
     assert result.returncode == 0, result.stderr
     assert "warn" not in (result.stdout + result.stderr).lower()
     assert "model.layers.0.self_attn.q_proj.weight" in result.stdout

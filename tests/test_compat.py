@@ -32,7 +32,7 @@ from typing import Dict, List
 
 import pytest
 import torch
-from compat_models import ARCHITECTURES, BackgroundRuns, Family, selected_params
+from compat_models import ARCHITECTURES, Family
 from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
@@ -93,21 +93,6 @@ def seed_arguments(method: str) -> List[str]:
     return ["--random-seed", str(SEED)] if method.startswith("dare") else []
 
 
-@pytest.fixture(scope="module")
-def matrix(request, tiny_families, tmp_path_factory):
-    """Starts the mergekit-yaml run of every selected cell; yields (runs, output root)."""
-    root = tmp_path_factory.mktemp("matrix")
-    runs = BackgroundRuns()
-    for cell in selected_params(request, "cell"):
-        family = tiny_families.get(cell.arch, cell.torch_dtype)
-        config = recipe(cell.method, family, cell.dtype)
-        out = root / str(cell)
-        extra = seed_arguments(cell.method)
-        runs.start(str(cell), lambda c=config, o=out, e=extra: run_mergekit_yaml(c, o, *e))
-    yield runs, root
-    runs.close()
-
-
 def stock_dare_ties(family: Family, dtype: str, out: Path) -> Dict[str, torch.Tensor]:
     """Stock dare_ties in this process, same seed, float64 NAN weights set per tensor."""
     base, *tuned = (load_model_tensors(p) for p in family.paths)
@@ -146,11 +131,10 @@ def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.T
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=str)
-def test_matrix_cell(cell, matrix, tiny_families, tmp_path, record_property):
-    runs, root = matrix
-    runs.result(str(cell))
+def test_matrix_cell(cell, tiny_families, tmp_path, record_property):
     family = tiny_families.get(cell.arch, cell.torch_dtype)
-    out = root / str(cell)
+    out = tmp_path / str(cell)
+    run_mergekit_yaml(recipe(cell.method, family, cell.dtype), out, *seed_arguments(cell.method))
     merged = load_model_tensors(out)
     base = load_model_tensors(family.base)
     # exactly the checkpoint's tensors: tied models get no lm_head

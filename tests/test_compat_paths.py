@@ -11,7 +11,6 @@ tolerances are those of float32 coefficients: 1e-6 for ``nan``, 2e-6 for
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
 
@@ -22,13 +21,12 @@ from compat_models import (
     ADDED_TOKENS,
     VOCAB,
     VOCAB_TENSORS,
-    BackgroundRuns,
     Families,
     checkpoint_tensors,
-    selected_items,
 )
-from conftest import mergekit_command, run_mergekit_yaml
+from conftest import run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
+from stock import run_command
 from test_method import expected_merge
 from test_modifier import nan_weights, relative_error, report
 
@@ -64,7 +62,7 @@ def worst_error(errors: Dict[str, float], label: str, record_property) -> float:
     return errors[worst]
 
 
-# -- the runs, started for the selected tests when the module starts ----------------------
+# -- the runs, each in this process through the stock command -------------------------------
 
 
 def union_run(families: Families, out: Path) -> Callable:
@@ -122,8 +120,7 @@ def multi_run(families: Families, out: Path) -> Callable:
     out.mkdir(parents=True)
     config = out / "multi.yml"
     config.write_text(yaml.safe_dump_all([stage, final]))
-    command = [
-        mergekit_command("mergekit-multi"),
+    arguments = [
         str(config),
         "--intermediate-dir",
         str(out / "stages"),
@@ -131,7 +128,7 @@ def multi_run(families: Families, out: Path) -> Callable:
         str(out / "final"),
         "--no-copy-tokenizer",
     ]
-    return lambda: subprocess.run(command, capture_output=True, text=True)
+    return lambda: run_command("mergekit-multi", *arguments)
 
 
 RUNS = {
@@ -145,22 +142,17 @@ RUNS = {
 """Test name -> the run it checks (a function of the families and the output folder)."""
 
 
-@pytest.fixture(scope="module")
-def path_runs(request, tiny_families, tmp_path_factory):
-    """Starts the run of every selected test; yields a function of the test name."""
-    root = tmp_path_factory.mktemp("paths")
-    runs = BackgroundRuns()
-    for item in selected_items(request):
-        if item.originalname in RUNS:
-            out = root / item.originalname
-            runs.start(item.originalname, RUNS[item.originalname](tiny_families, out))
+@pytest.fixture
+def path_runs(tiny_families, tmp_path):
+    """Runs the stock command a test checks; a function of the test name, giving the output."""
 
-    def finished(name: str) -> Path:
-        runs.result(name)
-        return root / name
+    def run(name: str) -> Path:
+        out = tmp_path / name
+        result = RUNS[name](tiny_families, out)()
+        assert result.returncode == 0, result.stderr[-4000:]
+        return out
 
-    yield finished
-    runs.close()
+    return run
 
 
 # -- tokenizers --------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 """The stock mergekit-yaml and mergekit-multi speak up about NAN recipes, and only about them.
 
-Every test runs the installed stock command in a subprocess, as a user would,
-with the plugin's start-up hook active (and, for the byte-identity test, once
-with the hook and the plugin absent from the interpreter).
+Every test runs the installed stock command as a user would, in this process
+(``stock.run_command``), where the plugin is plugged in as by the start-up hook;
+the byte-identity test runs it once more in an interpreter that never sees the
+hook or the plugin.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Dict, List
 
 import pytest
 import yaml
-from conftest import mergekit_command, run_mergekit_yaml
+from conftest import run_mergekit_yaml
+from stock import run_command
 
 from mergekit_nan.doctor import guard
 
@@ -69,17 +71,12 @@ def test_mergekit_multi_logs_the_warnings_of_its_stages(family, tmp_path):
     stage = recipe(family, "ties", nan_norm="weights", density=0.5)
     config = tmp_path / "multi.yml"
     config.write_text(yaml.safe_dump({"name": "stage", **stage}))
-    result = subprocess.run(
-        [
-            mergekit_command("mergekit-multi"),
-            str(config),
-            "--intermediate-dir",
-            str(tmp_path / "work"),
-            "--no-copy-tokenizer",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
+    result = run_command(
+        "mergekit-multi",
+        str(config),
+        "--intermediate-dir",
+        str(tmp_path / "work"),
+        "--no-copy-tokenizer",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "work" / "stage" / "config.json").exists()
@@ -192,18 +189,8 @@ def test_mergekit_nan_merge_reports_each_finding_once(family, tmp_path):
     path = tmp_path / "typo.yml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "merged"
-    result = subprocess.run(
-        [
-            mergekit_command("mergekit-nan"),
-            "merge",
-            str(path),
-            str(out),
-            "--no-copy-tokenizer",
-            "--no-write-model-card",
-        ],
-        capture_output=True,
-        text=True,
-        env=ENV,
+    result = run_command(
+        "mergekit-nan", "merge", str(path), str(out), "--no-copy-tokenizer", "--no-write-model-card"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (out / "config.json").exists()

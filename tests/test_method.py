@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_model_tensors, mergekit_command, run_mergekit_yaml
+from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
+from stock import run_command
 
 import mergekit_nan  # noqa: F401  (registers the methods in this process)
 from mergekit_nan.errors import RecipeError
@@ -303,7 +303,7 @@ def test_mergekit_pytorch_knows_nan(family, tmp_path):
         "models:\n" + "".join(f"  - model: {p / 'model.safetensors'}\n" for p in tuned)
     )
     out = tmp_path / "raw_out"
-    subprocess.run([mergekit_command("mergekit-pytorch"), str(config), str(out)], check=True)
+    run_command("mergekit-pytorch", str(config), str(out), check=True)
     check_model_dir(out, tuned, base)
 
 
@@ -317,15 +317,12 @@ def test_mergekit_multi_knows_nan(family, tmp_path):
         "models:\n" + "".join(f"  - model: {p}\n" for p in tuned)
     )
     out = tmp_path / "multi_out"
-    subprocess.run(
-        [
-            mergekit_command("mergekit-multi"),
-            str(config),
-            "--intermediate-dir",
-            str(out),
-            "--no-copy-tokenizer",
-        ],
+    run_command(
+        "mergekit-multi",
+        str(config),
+        "--intermediate-dir",
+        str(out),
+        "--no-copy-tokenizer",
         check=True,
-        capture_output=True,
     )
     check_model_dir(out / "merged", tuned, base)

