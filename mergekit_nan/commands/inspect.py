@@ -35,12 +35,11 @@ from typing import Dict, List, Optional, Tuple
 import torch
 import yaml
 from mergekit import merge_methods
-from mergekit.architecture import WeightInfo, get_architecture_info
+from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import LoaderCache
-from mergekit.merge import _model_out_config
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
@@ -54,6 +53,7 @@ from mergekit_nan.measure import measuring
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
+from mergekit_nan.planning import plan_recipe
 from mergekit_nan.registration import modifiable_methods, register_methods
 from mergekit_nan.weighting import Weighting
 
@@ -64,6 +64,7 @@ __all__ = [
     "TensorCoefficients",
     "require_nan_recipe",
     "inspect_recipe",
+    "measure_recipe",
     "load_recipe",
 ]
 
@@ -178,9 +179,6 @@ def _kind(name: str, layer: Optional[int]) -> str:
 class _RecordingPlanner(MergePlanner):
     """mergekit's planner, noting the module, slice and layer of each tensor."""
 
-    # The stock commands' recipe guard stays out of mergekit-nan's own planning.
-    _mergekit_nan_unguarded = True
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.placements: List[_Placement] = []
@@ -285,27 +283,27 @@ def inspect_recipe(
     """
     granularity = resolve_granularity(config, granularity)
     require_nan_recipe(config)
-    config = without_granularity(config)
-    options = options or MergeOptions()
+    return measure_recipe(without_granularity(config), granularity, options or MergeOptions())
+
+
+def measure_recipe(
+    config: MergeConfiguration, granularity: Granularity, options: MergeOptions
+) -> Inspection:
+    """:func:`inspect_recipe` for a recipe already validated, without ``nan_granularity``.
+
+    For callers that have run :func:`require_nan_recipe` and resolved the
+    granularity themselves (``mergekit-nan merge``), so a recipe is checked once.
+    """
     with tempfile.TemporaryDirectory(prefix="mergekit-nan-lora-") as lora_dir:
         temporary = options.lora_merge_cache is None
         if temporary:
             options = options.model_copy(update={"lora_merge_cache": lora_dir})
-        arch_info = get_architecture_info(config, options)
         loaders = LoaderCache()
         loaders.setup(options=options)
         for model in config.referenced_models():
             loaders.get(model)
-        planner = _RecordingPlanner(
-            config,
-            arch_info,
-            options=options,
-            out_model_config=_model_out_config(
-                config, arch_info, trust_remote_code=options.trust_remote_code
-            ),
-        )
+        planner = plan_recipe(config, options, _RecordingPlanner)
         # The planner's own tensor list: (output WeightInfo, merge task) pairs.
-        planner._plan()
         planned = planner._tensors
         tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
         executor = Executor(tasks, math_device=options.device or "cpu", storage_device="cpu")

@@ -3,7 +3,7 @@
 At ``tensor`` granularity the recipe goes straight to mergekit's ``run_merge``
 (no extra pass), so the output is bit-identical to ``mergekit-yaml RECIPE``.
 At ``layer`` and ``model`` granularity the coefficients need norms pooled over
-many tensors: :func:`~mergekit_nan.commands.inspect.inspect_recipe` measures every
+many tensors: :func:`~mergekit_nan.commands.inspect.measure_recipe` measures every
 tensor's norms in one streaming pass (one tensor per input in memory), the
 coefficients are frozen into a stock recipe
 (:func:`~mergekit_nan.commands.freeze.freeze_recipe`) and ``run_merge`` merges that
@@ -37,7 +37,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
-from mergekit_nan.commands.inspect import Inspection, inspect_recipe, require_nan_recipe
+from mergekit_nan.commands.inspect import Inspection, measure_recipe, require_nan_recipe
 from mergekit_nan.commands.report import format_table, write_files
 from mergekit_nan.granularity import resolve_granularity, without_granularity
 from mergekit_nan.method import NAN_PAPER_URL
@@ -165,7 +165,7 @@ def merge_recipe(
     inspection = frozen = None
     with _lora_cache(plain, options) as options:
         if granularity != "tensor" or save_frozen is not None:
-            inspection = inspect_recipe(plain, granularity=granularity, options=options)
+            inspection = measure_recipe(plain, granularity, options)
             frozen = frozen_yaml(
                 freeze_recipe(inspection), source=source_name, inspection=inspection
             )

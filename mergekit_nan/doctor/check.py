@@ -181,11 +181,8 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     Architectures are allowed to differ (``architecture-mismatch`` already
     says what mergekit needs for that), so the plan can be checked further.
     """
-    from mergekit.architecture import get_architecture_info
-    from mergekit.merge import _model_out_config
-    from mergekit.plan import MergePlanner
-
     from mergekit_nan.granularity import without_granularity
+    from mergekit_nan.planning import plan_recipe
     from mergekit_nan.registration import register_methods
 
     register_methods()
@@ -194,18 +191,7 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     # layer/model here, which mergekit-nan merge (and inspect, freeze) honour.
     config = without_granularity(config)
     with _offline(options.transformers_cache), _header_loaders(models), _quiet_transformers():
-        arch_info = get_architecture_info(config, options)
-        planner = MergePlanner(
-            config,
-            arch_info,
-            options=options,
-            out_model_config=_model_out_config(
-                config, arch_info, trust_remote_code=options.trust_remote_code
-            ),
-        )
-        planner._mergekit_nan_unguarded = True  # check reports the guard's findings itself
-        planner._plan()
-    return planner
+        return plan_recipe(config, options)
 
 
 def _planned_tensors(planner) -> List[PlannedTensor]:
