@@ -1,12 +1,13 @@
 """Start-up hook of mergekit-nan: plug into mergekit when mergekit loads, not before.
 
 Installed by ``mergekit_nan.pth`` (and ``mergekit_nan.start``, PEP 829).
-:func:`install` adds a meta-path finder that waits for two mergekit modules:
+:func:`install` adds a meta-path finder that waits for mergekit's modules:
 
 * ``mergekit.merge_methods``: once it has executed, the plugin's merge
   methods are registered (:func:`register`);
-* ``mergekit.plan``: once it has executed, the recipe guard is put on
-  mergekit's planner (:func:`guard`), so the stock commands report NAN recipe
+* ``mergekit.plan``, ``mergekit.merge``, ``mergekit.scripts.run_yaml`` and
+  ``mergekit.scripts.multimerge``: once each has executed, the recipe guard
+  is put on it (:func:`guard`), so the stock commands report NAN recipe
   mistakes before anything is written (see ``mergekit_nan.doctor.guard``).
 
 At interpreter start-up this imports nothing but ``sys``; it never raises
@@ -15,7 +16,13 @@ there, and installing twice is harmless.
 
 import sys
 
-_TARGETS = ("mergekit.merge_methods", "mergekit.plan")
+_TARGETS = (
+    "mergekit.merge_methods",
+    "mergekit.plan",
+    "mergekit.merge",
+    "mergekit.scripts.run_yaml",
+    "mergekit.scripts.multimerge",
+)
 
 
 class _PluggingLoader:
@@ -86,7 +93,7 @@ def register():
 
 
 def guard():
-    """Put the recipe guard on mergekit's planner; silently skip if that is not possible.
+    """Put the recipe guard on mergekit's loaded modules; silently skip if that is not possible.
 
     The guard only ever reports on recipes that involve NAN; if mergekit's
     internals have moved, mergekit runs exactly as without the plugin.

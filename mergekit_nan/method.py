@@ -31,6 +31,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.coefficients import accumulation_dtype
+from mergekit_nan.errors import TensorOverflowError
 from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
@@ -120,7 +121,7 @@ class NanMerge(MeasurableMethod):
         merged = result.to(first.dtype)
         if not 0 <= scale <= 1 and not bool(torch.isfinite(merged).all()):
             # Only an extrapolating lambda can leave the inputs' range.
-            raise OverflowError(
+            raise TensorOverflowError(
                 f"merged tensor {group.metadata.name!r} overflows {first.dtype} with "
                 f"lambda={scale}; lower lambda or merge in a wider dtype"
             )

@@ -30,6 +30,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 
+from mergekit_nan.errors import TensorError
 from mergekit_nan.measure import MeasurableMethod
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting
@@ -86,7 +87,7 @@ class NanCoefficients(MeasurableMethod):
         nan_norm = parameters[NAN_NORM.name]
         if self.inner.spec.contract.base == BasePolicy.IGNORED:
             if nan_norm == "delta":
-                raise ValueError(
+                raise TensorError(
                     f"{self.inner.spec.name} ignores the base model, so nan_norm: "
                     f"delta is undefined for tensor {group.metadata.name!r}; use "
                     "nan_norm: weights or a base-aware method"
@@ -99,7 +100,7 @@ class NanCoefficients(MeasurableMethod):
         given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
         if given and len(given) != len(inputs):
             missing = [str(e.id) for e in inputs if user[e.id] is None]
-            raise ValueError(
+            raise TensorError(
                 f"{self.spec.name}: tensor {group.metadata.name!r} has a weight for "
                 f"some models but not for {', '.join(missing)}; give every model a "
                 "weight (it sets the total) or none"

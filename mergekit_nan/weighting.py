@@ -20,7 +20,7 @@ from mergekit_nan.coefficients import (
     coefficients_from_norms,
     frobenius_norms,
 )
-from mergekit_nan.errors import RecipeError
+from mergekit_nan.errors import RecipeError, TensorError, TensorTypeError
 from mergekit_nan.parameters import NanNorm
 
 __all__ = ["Weighting", "check_scale", "group_weighting", "uses_base"]
@@ -89,7 +89,7 @@ def check_scale(
 def uses_base(group: TensorGroup, nan_norm: NanNorm) -> bool:
     """Whether x_i are task vectors for this group; ``delta`` without a base raises."""
     if nan_norm == "delta" and group.base is None:
-        raise ValueError(
+        raise TensorError(
             f"nan_norm: delta needs a base model, but tensor {_label(group)} has "
             f"none (models: {', '.join(str(e.id) for e in group.entries)}); set "
             "base_model or use nan_norm: weights"
@@ -118,7 +118,7 @@ def group_weighting(
     """
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
-            raise TypeError(
+            raise TensorTypeError(
                 f"NAN needs floating-point tensors; tensor {_label(group)} of "
                 f"model {entry.id} is {entry.tensor.dtype}"
             )
@@ -129,7 +129,7 @@ def group_weighting(
         models = [str(inputs[index].id) for index in error.indices]
         if error.base:
             models.append(f"{group.base.id} (base)")
-        raise ValueError(
+        raise TensorError(
             f"NaN or Inf values in tensor {_label(group)} of model(s) "
             f"{', '.join(models)}; NAN coefficients are undefined"
         ) from None
@@ -141,7 +141,7 @@ def group_weighting(
     try:
         shares = coefficients_from_norms(norms, exponent=exponent, prior=weights)
     except ValueError as error:
-        raise ValueError(f"{error} (tensor {_label(group)})") from None
+        raise TensorError(f"{error} (tensor {_label(group)})") from None
     norms_list, shares_list = torch.stack([norms, shares.to(norms.dtype)]).tolist()
     return Weighting(
         models=tuple(entry.id for entry in inputs),

@@ -13,6 +13,7 @@ import shutil
 import struct
 import time
 from collections import namedtuple
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -126,7 +127,9 @@ def test_model_not_found_names_model_and_place(family, tmp_path):
     assert f"{family[2]}+{tmp_path / 'no-such-adapter'}" in missing["models[2].model"].message
     hub = missing["models[3].model"]
     assert "nobody-here/no-such-repo" in hub.message and "Hugging Face cache" in hub.message
-    assert "huggingface-cli download nobody-here/no-such-repo" in hub.fix
+    assert "hf download nobody-here/no-such-repo" in hub.fix
+    # the command the fix names is installed with huggingface_hub
+    assert "hf" in {entry.name for entry in entry_points(group="console_scripts")}
     # no plan without the models, but no crash either
     assert not any(f.code == "plan-failed" for f in report.findings)
 

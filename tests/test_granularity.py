@@ -23,8 +23,8 @@ from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import get
 
+from mergekit_nan.commands.card import FROZEN_FILE
 from mergekit_nan.commands.cli import main
-from mergekit_nan.commands.merge import FROZEN_FILE
 from mergekit_nan.commands.tiny import write_model
 from mergekit_nan.errors import RecipeError
 from mergekit_nan.granularity import recipe_granularity, resolve_granularity

@@ -6,11 +6,12 @@ output file is touched (``-v`` shows the traceback instead).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
@@ -31,7 +32,7 @@ def _reported(command: Callable) -> Callable:
     def run(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except (click.ClickException, click.Abort, KeyboardInterrupt):
+        except (click.ClickException, click.Abort, click.exceptions.Exit, KeyboardInterrupt):
             raise
         except Exception as error:
             if kwargs.get("verbose"):
@@ -96,11 +97,23 @@ def _check_writable(*paths: Optional[str]) -> None:
             raise IsADirectoryError(f"output {path} is a directory")
 
 
-def _preflight(config_file: str, arguments: Dict[str, Any]) -> None:
-    """Run ``check`` first: warnings go to stderr; the first error stops the command (exit 1)."""
+def _preflight(
+    config_file: str,
+    arguments: Dict[str, Any],
+    out_path: Optional[str] = None,
+    ignore: Tuple[str, ...] = (),
+) -> None:
+    """Run ``check`` first: warnings go to stderr; the first error stops the command (exit 1).
+
+    ``out_path`` is checked too (``output-overwrites-input``); findings whose
+    code is in ``ignore`` are not shown.
+    """
     from mergekit_nan.doctor.check import check_recipe
 
-    report = check_recipe(config_file, options=_merge_options(arguments))
+    report = check_recipe(config_file, out_path=out_path, options=_merge_options(arguments))
+    report = dataclasses.replace(
+        report, findings=tuple(f for f in report.findings if f.code not in ignore)
+    )
     if report.errors:
         first = report.errors[0]
         text = first.line()[len("error: ") :]
@@ -277,6 +290,11 @@ def check_command(
     show_default=True,
     help="Write README.md naming NAN, the granularity and the coefficients",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace a non-empty OUT_PATH (its content stays until the new model is complete)",
+)
 @_mergekit_options
 @_reported
 def merge_command(
@@ -288,23 +306,38 @@ def merge_command(
     lazy_unpickle: bool,
     copy_tokenizer: bool,
     write_model_card: bool,
+    overwrite: bool,
     **arguments: Any,
 ) -> None:
     """Merge CONFIG_FILE into OUT_PATH with NAN coefficients at any granularity.
 
     --granularity tensor is mergekit-yaml CONFIG_FILE OUT_PATH, bit for bit.
     layer and model measure the norms in one streaming pass, freeze the
-    coefficients into a stock recipe and merge it with mergekit; nothing is
-    written before that pass succeeded.
+    coefficients into a stock recipe and merge it with mergekit. The model
+    is written beside OUT_PATH and moved into place only when complete: an
+    interrupted or failed merge leaves OUT_PATH as it was.
     """
     from mergekit.common import parse_kmb
 
     from mergekit_nan.commands.inspect import load_recipe
     from mergekit_nan.commands.merge import merge_recipe
+    from mergekit_nan.commands.output import OutputNotEmpty, leftovers
     from mergekit_nan.doctor.guard import suspended
 
     _check_writable(save_frozen)
-    _preflight(config_file, arguments)
+    target = Path(os.path.realpath(os.path.expanduser(out_path)))
+    for leftover in leftovers(target):
+        click.echo(
+            f"note: {leftover} was left by an interrupted merge into {out_path}; "
+            "delete it once no merge into it is running",
+            err=True,
+        )
+    _preflight(config_file, arguments, out_path=out_path, ignore=("output-not-empty",))
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise OutputNotEmpty(
+            f"output directory {out_path} is not empty; pass --overwrite to replace it "
+            "(its content stays until the new model is complete)"
+        )
     options = _merge_options(arguments).model_copy(
         update={
             "random_seed": random_seed,
@@ -315,16 +348,27 @@ def merge_command(
         }
     )
     source = Path(config_file).read_text(encoding="utf-8")
-    with suspended():  # the preflight has reported every finding already
-        result = merge_recipe(
-            load_recipe(config_file),
-            out_path,
-            options,
-            granularity=arguments["granularity"],
-            config_source=source,
-            save_frozen=save_frozen,
-            source_name=os.path.basename(config_file),
-        )
+    try:
+        with suspended():  # the preflight has reported every finding already
+            result = merge_recipe(
+                load_recipe(config_file),
+                out_path,
+                options,
+                granularity=arguments["granularity"],
+                config_source=source,
+                save_frozen=save_frozen,
+                source_name=os.path.basename(config_file),
+                overwrite=overwrite,
+            )
+    except KeyboardInterrupt:
+        click.echo(f"Interrupted: {out_path} was left as it was.", err=True)
+        raise click.exceptions.Exit(130) from None
+    except click.ClickException as error:
+        raise click.ClickException(f"{error.message}; {out_path} was left as it was") from None
+    except Exception as error:
+        if arguments["verbose"]:
+            raise
+        raise click.ClickException(f"{_one_line(error)}; {out_path} was left as it was") from None
     if save_frozen:
         click.echo(f"Wrote {save_frozen}")
     click.echo(f"Merged {config_file} into {out_path} ({result.granularity} granularity)")

@@ -13,11 +13,11 @@ recipe. Nothing is written to the output directory before the pass succeeded.
 A recipe with LoRA references and no ``lora_merge_cache`` merges the adapters
 once into a temporary directory shared by the pass and the merge.
 
-Model card (with ``write_model_card``): mergekit's own card for the recipe as
-given (it names NAN and the models) plus a section with the granularity and
-the coefficients; ``mergekit_config.yml`` holds the recipe as given and, when
-the coefficients were frozen, :data:`FROZEN_FILE` the stock recipe that was
-merged.
+Everything is written into a partial directory beside ``out_path`` that
+replaces it only once mergekit has written the tensors, the config, the
+tokenizer and the model card (:mod:`mergekit_nan.commands.output`): an
+interrupted or failed merge leaves ``out_path`` as it was. The model card
+(with ``write_model_card``) is :mod:`mergekit_nan.commands.card`'s.
 """
 
 from __future__ import annotations
@@ -30,32 +30,20 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import yaml
-from mergekit.card import generate_card
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
+from mergekit_nan.commands.card import card_files, write_card_files
 from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
 from mergekit_nan.commands.inspect import Inspection, measure_recipe, require_nan_recipe
-from mergekit_nan.commands.report import format_table, write_files
+from mergekit_nan.commands.output import atomic_directory
+from mergekit_nan.commands.report import write_files
 from mergekit_nan.granularity import resolve_granularity, without_granularity
-from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import Granularity
 
-__all__ = ["FROZEN_FILE", "MergeResult", "merge_recipe", "nan_card_section"]
-
-FROZEN_FILE = "mergekit_nan_frozen.yml"
-"""The stock recipe merged at ``layer``/``model`` granularity, next to the card."""
-
-_POOLING = {
-    "tensor": "every tensor's coefficients come from its own norms ||x_i,t||, "
-    "computed inside the merge",
-    "layer": "one coefficient per model per transformer layer, from the layer's "
-    "pooled norms sqrt(sum_t ||x_i,t||^2); embeddings, final norm and lm_head keep "
-    "per-tensor coefficients",
-    "model": "one coefficient per model, from whole-model norms sqrt(sum_t ||x_i,t||^2)",
-}
+__all__ = ["MergeResult", "merge_recipe"]
 
 
 @dataclass(frozen=True)
@@ -64,12 +52,14 @@ class MergeResult:
 
     ``inspection`` and ``frozen`` (the stock recipe's YAML text) are present
     when the coefficients were measured: at ``layer``/``model`` granularity,
-    or at ``tensor`` granularity with ``save_frozen``.
+    or at ``tensor`` granularity with ``save_frozen``. ``out_path`` is where
+    the model now is (symlinks resolved).
     """
 
     granularity: Granularity
     inspection: Optional[Inspection]
     frozen: Optional[str]
+    out_path: Path
 
 
 @contextlib.contextmanager
@@ -88,58 +78,6 @@ def _lora_cache(config: MergeConfiguration, options: MergeOptions) -> Iterator[M
                 LoaderCache().loaders.pop(model, None)
 
 
-def nan_card_section(
-    config: MergeConfiguration, granularity: Granularity, inspection: Optional[Inspection]
-) -> str:
-    """Markdown for the model card: NAN, the granularity and the coefficients."""
-    lines = [
-        "",
-        "### NAN coefficients",
-        "",
-        f"The merge coefficients were estimated with [NAN]({NAN_PAPER_URL}) "
-        f"(`merge_method: {config.merge_method}`) by `mergekit-nan merge` at "
-        f"**{granularity}** granularity: {_POOLING[granularity]}.",
-        "",
-    ]
-    if inspection is not None:
-        lines += ["```text", format_table(inspection), "```", ""]
-    else:
-        lines += [
-            "`mergekit-nan inspect mergekit_config.yml --all` lists them per tensor.",
-            "",
-        ]
-    lines.append(
-        "`mergekit_config.yml` is the recipe as given; `mergekit-nan merge` reproduces "
-        "this model from it"
-        + (f" with `--granularity {granularity}`." if granularity != "tensor" else ".")
-    )
-    if inspection is not None and granularity != "tensor":
-        lines.append(
-            f"\n`{FROZEN_FILE}` is the stock mergekit recipe that was merged "
-            f"(`{inspection.inner_method}` with these coefficients as `weight` values); "
-            "plain `mergekit-yaml` reproduces this model from it."
-        )
-    return "\n".join(lines) + "\n"
-
-
-def _write_card(
-    out_path: str,
-    config: MergeConfiguration,
-    source: str,
-    result: MergeResult,
-) -> None:
-    card = generate_card(config=config, config_yaml=source, name=os.path.basename(out_path))
-    files = {
-        os.path.join(out_path, "README.md"): card
-        + nan_card_section(config, result.granularity, result.inspection),
-        os.path.join(out_path, "mergekit_config.yml"): source,
-    }
-    if result.frozen is not None and result.granularity != "tensor":
-        files[os.path.join(out_path, FROZEN_FILE)] = result.frozen
-    for path, text in files.items():
-        Path(path).write_text(text, encoding="utf-8")
-
-
 def merge_recipe(
     config: MergeConfiguration,
     out_path: str,
@@ -149,21 +87,29 @@ def merge_recipe(
     config_source: Optional[str] = None,
     save_frozen: Optional[str] = None,
     source_name: str = "the recipe",
+    overwrite: bool = False,
 ) -> MergeResult:
     """Merge a ``nan``/``<method>+nan`` recipe at ``granularity`` into ``out_path``.
 
     ``granularity`` None means the recipe's ``nan_granularity``, else
     ``tensor``. ``config_source`` is the recipe's text (for the model card and
     ``mergekit_config.yml``); ``save_frozen`` a path for the frozen stock
-    recipe (measuring the coefficients at ``tensor`` granularity too). Errors
-    of the recipe or of the norm pass are raised before anything is written.
+    recipe (measuring the coefficients at ``tensor`` granularity too).
+    ``out_path`` must be new or empty unless ``overwrite``; it is replaced
+    whole once the model is complete, and left as it was if anything fails
+    (:class:`~mergekit_nan.commands.output.OutputNotEmpty` for a non-empty one
+    without ``overwrite``).
     """
     granularity = resolve_granularity(config, granularity)
     require_nan_recipe(config)
     plain = without_granularity(config)
     source = config_source if config_source is not None else config.to_yaml()
     inspection = frozen = None
-    with _lora_cache(plain, options) as options:
+    target = Path(os.path.realpath(os.path.expanduser(out_path)))
+    with (
+        atomic_directory(target, overwrite=overwrite) as partial,
+        _lora_cache(plain, options) as options,
+    ):
         if granularity != "tensor" or save_frozen is not None:
             inspection = measure_recipe(plain, granularity, options)
             frozen = frozen_yaml(
@@ -171,12 +117,14 @@ def merge_recipe(
             )
         if save_frozen is not None:
             write_files({save_frozen: lambda path: Path(path).write_text(frozen, encoding="utf-8")})
+        # mergekit's own card would name the partial directory: this module writes it.
+        inner = options.model_copy(update={"write_model_card": False})
         if granularity == "tensor":
-            run_merge(plain, out_path, options=options, config_source=source)
+            run_merge(plain, str(partial), options=inner, config_source=source)
         else:
             merged = MergeConfiguration.model_validate(yaml.safe_load(frozen))
-            run_merge(merged, out_path, options=options, config_source=frozen)
-    result = MergeResult(granularity=granularity, inspection=inspection, frozen=frozen)
-    if options.write_model_card:
-        _write_card(out_path, plain, source, result)
-    return result
+            run_merge(merged, str(partial), options=inner, config_source=frozen)
+        if options.write_model_card:
+            files = card_files(target.name, plain, source, granularity, inspection, frozen, options)
+            write_card_files(partial, files)
+    return MergeResult(granularity, inspection, frozen, target)

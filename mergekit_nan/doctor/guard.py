@@ -1,29 +1,42 @@
 """The recipe guard: the stock ``mergekit-yaml`` and ``mergekit-multi`` speak up about NAN recipes.
 
 mergekit silently ignores parameters a method does not declare, and some NAN
-mistakes only surface deep into a long merge. :func:`install_guard` wraps
-``MergePlanner._plan`` (the start-up hook calls it when ``mergekit.plan``
-loads) so that, for every recipe that uses ``nan`` or a ``<method>+nan``
-method or contains a ``nan_*`` key, mergekit's planning is bracketed by the
-checks of ``mergekit-nan check``:
+mistakes only surface deep into a long merge, or never. For every recipe that
+uses ``nan`` or a ``<method>+nan`` method or contains a ``nan_*`` key,
+:func:`install_guard` (called by the start-up hook as mergekit's modules
+load) makes mergekit run the checks of ``mergekit-nan check`` first:
 
-* before planning, the recipe's own findings (:func:`recipe_findings`);
-* after planning, the findings on the per-tensor values mergekit resolved
-  (:func:`planned_findings`), still before any tensor is read or written.
+* ``mergekit.merge.run_merge`` (behind ``mergekit-yaml``, each stage of
+  ``mergekit-multi`` and the Python API): the whole check, against the
+  output path too, before mergekit reads a model or creates the output
+  directory: the recipe's parameters, missing or incomplete models, malformed
+  headers, shape mismatches, ``output-overwrites-input``. If the merge then
+  fails into an output directory that did not exist before, that directory
+  is removed, so no half-written model is left behind;
+* the ``mergekit-yaml`` and ``mergekit-multi`` command lines: a recipe file
+  that is not valid YAML or not a mergekit recipe; for ``mergekit-multi``,
+  every stage and every output directory at once, before the first stage
+  runs (a stage's output must not overwrite another stage's input);
+* ``MergePlanner._plan`` (any other caller of mergekit's planner): the
+  recipe's findings before planning and those on the per-tensor values
+  mergekit resolved right after it.
 
 Warnings are logged once each, on the ``mergekit_nan`` logger. Errors stop a
 recipe whose merge method is ``nan`` or ``<method>+nan`` with a
-:class:`~mergekit_nan.errors.RecipeError` before anything is written; on a
-stock method (a stray ``nan_*`` key) they are only logged, so a recipe that
-works without the plugin works with it. ``nan_granularity: layer|model`` is an
-error in the stock commands, which can only compute per-tensor coefficients.
+:class:`~mergekit_nan.errors.RecipeError`, which the command lines print as
+one ``Error: ...`` message (exit status 1); on a stock method (a stray
+``nan_*`` key) they are only logged, so a recipe that works without the
+plugin works with it. Hugging Face models that are not in the local cache
+are left to mergekit, which downloads them. ``nan_granularity: layer|model``
+is an error in the stock commands, which can only compute per-tensor
+coefficients.
 
-The guard never changes a plan. For recipes without NAN it does nothing at
-all, and if anything about mergekit's internals is not as expected it falls
-silent rather than getting in mergekit's way. Planners that mergekit-nan runs
-itself (``inspect``, ``check``) set ``_mergekit_nan_unguarded = True``; a
-command that has just run the same checks itself (``mergekit-nan merge``)
-merges inside :func:`suspended`, so each finding is reported once.
+The guard never changes a plan or a merge. For recipes without NAN it does
+nothing at all, and if anything about mergekit's internals is not as expected
+it falls silent rather than getting in mergekit's way. Planners that
+mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``; a command
+that has just run the same checks itself (``mergekit-nan merge``) merges
+inside :func:`suspended`, so each finding is reported once.
 """
 
 from __future__ import annotations
@@ -31,8 +44,12 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
+import re
+import shutil
+import sys
 from contextvars import ContextVar
-from typing import Any, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.errors import RecipeError
@@ -42,22 +59,28 @@ __all__ = ["STOCK_ONLY_ERRORS", "install_guard", "suspended"]
 LOG = logging.getLogger("mergekit_nan")
 
 _SUSPENDED: ContextVar[bool] = ContextVar("mergekit_nan_guard_suspended", default=False)
+_REPORTED: ContextVar[Optional[Set[Tuple[str, str, Optional[str]]]]] = ContextVar(
+    "mergekit_nan_guard_reported", default=None
+)
 
 STOCK_ONLY_ERRORS = ("granularity-needs-merge",)
 """Finding codes that are fine for ``mergekit-nan merge`` but errors in the stock commands."""
 
+_LOOKS_NAN = re.compile(r"merge_method\s*:\s*['\"]?nan\b|\+nan\b|\bnan_\w+\s*:")
+"""What marks the text of a recipe that cannot be read as one as a NAN recipe."""
+
 
 class _Guard:
-    """The findings reported for one planner, and whether its errors stop the merge."""
+    """The findings reported for one recipe, and whether its errors stop the merge."""
 
     def __init__(self, enforce: bool):
         self.enforce = enforce
-        self.seen: Set[Tuple[str, str, Optional[str]]] = set()
+        self.seen: Set[Tuple[str, str, Optional[str]]] = _REPORTED.get() or set()
 
     def report(self, findings: Iterable[Finding]) -> None:
         errors: List[Finding] = []
         for finding in findings:
-            key = (finding.code, finding.where, finding.tensor)
+            key = (finding.code, finding.message, finding.tensor)
             if key in self.seen or finding.level == "info" and not _stock_error(finding):
                 continue
             self.seen.add(key)
@@ -71,11 +94,15 @@ class _Guard:
             for finding in errors:
                 LOG.warning("mergekit-nan: %s", finding.line())
             return
-        lines = "\n".join(f"  {_as_error(f).line()}" for f in errors)
-        raise RecipeError(
-            f"this recipe cannot be merged as written:\n{lines}\n"
-            "Nothing was written. `mergekit-nan check RECIPE` shows every finding."
-        )
+        raise _refusal(errors)
+
+
+def _refusal(errors: List[Finding]) -> RecipeError:
+    lines = "\n".join(f"  {_as_error(f).line()}" for f in errors)
+    return RecipeError(
+        "mergekit-nan: this recipe cannot be merged as written; nothing was written "
+        f"(`mergekit-nan check RECIPE` lists every finding):\n{lines}"
+    )
 
 
 def _stock_error(finding: Finding) -> bool:
@@ -90,6 +117,21 @@ def _as_error(finding: Finding) -> Finding:
     )
 
 
+def _enforced(data: Any) -> bool:
+    method = str(data.get("merge_method", "")) if isinstance(data, dict) else ""
+    return method == "nan" or method.endswith("+nan")
+
+
+def _options(arguments: dict) -> Any:
+    """mergekit's options from a stock command's keyword arguments."""
+    from mergekit.options import MergeOptions
+
+    return MergeOptions(**{k: v for k, v in arguments.items() if k in MergeOptions.model_fields})
+
+
+# -- MergePlanner._plan -----------------------------------------------------------------
+
+
 def _start(planner: Any) -> Optional[_Guard]:
     """Check the recipe before planning; None when the guard has nothing to say."""
     if _SUSPENDED.get() or getattr(planner, "_mergekit_nan_unguarded", False):
@@ -101,8 +143,7 @@ def _start(planner: Any) -> Optional[_Guard]:
         if not involves_nan(data):
             return None
         findings = recipe_findings(data)
-        method = str(data.get("merge_method", ""))
-        guard = _Guard(enforce=method == "nan" or method.endswith("+nan"))
+        guard = _Guard(enforce=_enforced(data))
     except Exception as error:  # mergekit moved on: say nothing rather than break it
         LOG.debug("mergekit-nan guard skipped: %r", error)
         return None
@@ -122,6 +163,183 @@ def _finish(guard: _Guard, planner: Any) -> None:
     guard.report(findings)
 
 
+def _guarded_plan(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def _plan(self, *args, **kwargs):
+        guard = _start(self)
+        result = original(self, *args, **kwargs)
+        if guard is not None:
+            _finish(guard, self)
+        return result
+
+    return _plan
+
+
+# -- run_merge ----------------------------------------------------------------------------
+
+
+def _check_merge(config: Any, out_path: str, options: Any) -> Optional[bool]:
+    """Run the whole check before ``run_merge``; None: no NAN, else whether it was planned."""
+    if _SUSPENDED.get():
+        return None
+    try:
+        from mergekit_nan.doctor.check import check_recipe
+        from mergekit_nan.doctor.recipe_checks import involves_nan
+
+        data = config.model_dump(mode="json", exclude_none=True)
+        if not involves_nan(data):
+            return None
+        report = check_recipe(data, out_path=str(out_path), options=options, downloads=True)
+        guard = _Guard(enforce=_enforced(data))
+    except Exception as error:
+        LOG.debug("mergekit-nan guard skipped: %r", error)
+        return None
+    guard.report(report.findings)
+    return report.estimate is not None and report.estimate.output_tensors is not None
+
+
+def _guarded_run_merge(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def run_merge(merge_config, out_path, options, *args, **kwargs):
+        with _reporting_once():
+            planned = _check_merge(merge_config, out_path, options)
+            if planned is None:
+                return original(merge_config, out_path, options, *args, **kwargs)
+            existed = os.path.lexists(out_path)
+            try:
+                # The per-tensor values were checked with the plan; the planner's guard
+                # is needed only where models still had to be downloaded.
+                with suspended() if planned else contextlib.nullcontext():
+                    return original(merge_config, out_path, options, *args, **kwargs)
+            except BaseException as error:
+                _remove_unfinished(out_path, existed, error)
+                raise
+
+    return run_merge
+
+
+def _remove_unfinished(out_path: str, existed: bool, error: BaseException) -> None:
+    """Remove the output directory a failed merge created; say so in a plugin error."""
+    if existed or not os.path.isdir(out_path):
+        return
+    shutil.rmtree(out_path, ignore_errors=True)
+    if isinstance(error, RecipeError):
+        error.message = f"the unfinished output directory {out_path} was removed: {error.message}"
+
+
+@contextlib.contextmanager
+def _reporting_once() -> Iterator[None]:
+    """Within this block every guard shares one record of what it has reported."""
+    if _REPORTED.get() is not None:
+        yield
+        return
+    token = _REPORTED.set(set())
+    try:
+        yield
+    finally:
+        _REPORTED.reset(token)
+
+
+# -- the command lines ----------------------------------------------------------------------
+
+
+def _readable_documents(path: str, multi: bool) -> Optional[list]:
+    """The YAML documents of a NAN recipe file, or a RecipeError saying why they are not one.
+
+    None for a file that does not look like a NAN recipe (mergekit reports its
+    own errors then) or cannot be read at all.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not _LOOKS_NAN.search(text):
+        return None
+    import yaml
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_nan.doctor.plan_checks import readable_error
+
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise RecipeError(f"{path} is not valid YAML: {readable_error(error)}") from None
+    if not documents or not all(isinstance(d, dict) for d in documents):
+        raise RecipeError(f"{path} is not a mergekit recipe (expected YAML mappings)")
+    if len(documents) > 1 and not multi:
+        raise RecipeError(f"{path} holds {len(documents)} recipes; run it with mergekit-multi")
+    for document in documents:
+        try:
+            MergeConfiguration.model_validate({k: v for k, v in document.items() if k != "name"})
+        except Exception as error:
+            name = f" (stage {document['name']})" if multi and document.get("name") else ""
+            raise RecipeError(
+                f"{path}{name} is not a valid mergekit recipe: {readable_error(error)}"
+            ) from None
+    return documents
+
+
+def _guarded_yaml_command(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def command(*args, **kwargs):
+        if not _SUSPENDED.get() and kwargs.get("config_file"):
+            _readable_documents(str(kwargs["config_file"]), multi=False)
+        return original(*args, **kwargs)
+
+    return command
+
+
+def _guarded_multi_command(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def command(*args, **kwargs):
+        config_file, out_path = kwargs.get("config_file"), kwargs.get("out_path")
+        documents = None
+        if not _SUSPENDED.get() and config_file:
+            documents = _readable_documents(str(config_file), multi=True)
+        if documents is None:
+            return original(*args, **kwargs)
+        with _reporting_once():
+            _check_stages(str(config_file), documents, out_path, kwargs)
+            return original(*args, **kwargs)
+
+    return command
+
+
+def _check_stages(config_file: str, documents: list, out_path: Optional[str], arguments) -> None:
+    """All stages of a ``mergekit-multi`` file and all its output directories, up front."""
+    from mergekit_nan.doctor.check import check_recipe
+    from mergekit_nan.doctor.outputs import output_findings
+
+    intermediate = str(arguments.get("intermediate_dir") or "")
+    names = [str(d["name"]) for d in documents if d.get("name") is not None]
+    stages = [(name, os.path.join(intermediate, name)) for name in names]
+    try:
+        options = _options(arguments)
+        report = check_recipe(
+            config_file,
+            out_path=out_path,
+            options=options,
+            downloads=True,
+            stage_outputs=stages,
+        )
+        findings = list(report.findings)
+        for index, (_, path) in enumerate(stages):
+            others = stages[:index] + stages[index + 1 :]
+            # A stage output that exists already is skipped by mergekit-multi (--lazy).
+            found = output_findings(
+                documents, path, cache_dir=options.transformers_cache, stage_outputs=others
+            )
+            findings.extend(f for f in found if f.code == "output-overwrites-input")
+    except Exception as error:
+        LOG.debug("mergekit-nan guard skipped the stages: %r", error)
+        return
+    _Guard(enforce=any(_enforced(d) for d in documents)).report(findings)
+
+
+# -- installing ----------------------------------------------------------------------------
+
+
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
     """No guard inside this block: for callers that have just run the same checks."""
@@ -132,21 +350,28 @@ def suspended() -> Iterator[None]:
         _SUSPENDED.reset(token)
 
 
-def install_guard() -> None:
-    """Wrap ``mergekit.plan.MergePlanner._plan`` with the guard; idempotent."""
-    from mergekit.plan import MergePlanner
-
-    original = MergePlanner.__dict__.get("_plan")
+def _wrap(owner: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
+    original = getattr(owner, name, None)
     if original is None or getattr(original, "_mergekit_nan", False):
         return
+    wrapped = wrapper(original)
+    wrapped._mergekit_nan = True
+    setattr(owner, name, wrapped)
 
-    @functools.wraps(original)
-    def _plan(self, *args, **kwargs):
-        guard = _start(self)
-        result = original(self, *args, **kwargs)
-        if guard is not None:
-            _finish(guard, self)
-        return result
 
-    _plan._mergekit_nan = True
-    MergePlanner._plan = _plan
+def install_guard() -> None:
+    """Put the guard on every mergekit module above that is loaded; idempotent."""
+    plan = sys.modules.get("mergekit.plan")
+    if plan is not None:
+        planner = plan.MergePlanner
+        if "_plan" in planner.__dict__:
+            _wrap(planner, "_plan", _guarded_plan)
+    merge = sys.modules.get("mergekit.merge")
+    if merge is not None:
+        _wrap(merge, "run_merge", _guarded_run_merge)
+    run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
+    if run_yaml is not None:
+        _wrap(run_yaml.main, "callback", _guarded_yaml_command)
+    multi = sys.modules.get("mergekit.scripts.multimerge")
+    if multi is not None:
+        _wrap(multi.main, "callback", _guarded_multi_command)

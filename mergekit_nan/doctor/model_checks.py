@@ -38,7 +38,7 @@ def _not_found(model: ModelFacts) -> List[Finding]:
         if looks_like_repo(path):
             what = f"its adapter {part}" if adapter else part
             why = f"{what} is neither a local directory nor in the Hugging Face cache"
-            fix = f"download it first (huggingface-cli download {path}) or give a local path"
+            fix = f"download it first (hf download {path}) or give a local path"
         else:
             why = f"no {'adapter ' if adapter else ''}directory {part}"
             fix = "correct the path"

@@ -87,38 +87,76 @@ class TensorHeader:
 
 
 class HeaderError(Exception):
-    """A safetensors file whose header cannot be read."""
+    """A safetensors file whose header cannot be read or does not describe its tensors."""
+
+
+def _entry(path: str, name: str, info: Any) -> Tuple[TensorHeader, int, int]:
+    """One header entry as (tensor, start, stop); :class:`HeaderError` naming it if malformed."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(info, Mapping):
+        raise HeaderError(f"{where} is described by {type(info).__name__}, not an object")
+    code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+    if not isinstance(code, str) or code not in _SAFETENSORS_DTYPES:
+        raise HeaderError(f"{where} has an unknown dtype {code!r}")
+    if not isinstance(shape, list) or not all(_count(n) for n in shape):
+        raise HeaderError(f"{where} has an invalid shape {shape!r}")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(map(_count, offsets))):
+        raise HeaderError(f"{where} has invalid data_offsets {offsets!r}")
+    start, stop = offsets
+    dtype, size = _SAFETENSORS_DTYPES[code]
+    expected = math.prod(shape) * size
+    if stop - start != expected:
+        raise HeaderError(
+            f"{where} spans bytes {start}-{stop} ({stop - start} bytes) but its shape "
+            f"{shape} in {dtype} needs {expected}"
+        )
+    return TensorHeader(tuple(shape), dtype, expected), start, stop
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def read_safetensors_header(path: str) -> Tuple[Dict[str, TensorHeader], int]:
     """The tensors a safetensors file declares, and the file size its header implies.
 
     Reads the 8-byte header length and the JSON header only, never tensor
-    data. Raises :class:`HeaderError` for a file that is not safetensors.
+    data, and never more bytes than the file holds. Raises
+    :class:`HeaderError`, naming the file (and the tensor), when the length
+    field exceeds the file or the format's limit, the header is not a JSON
+    object, an entry has an unknown dtype, an invalid shape or offsets, a
+    byte range that does not match shape x dtype, or ranges overlap. A file
+    shorter than its data is not an error here: the implied size says so.
     """
+    size = os.path.getsize(path)
     with open(path, "rb") as file:
         prefix = file.read(8)
         if len(prefix) < 8:
-            raise HeaderError(f"{path} is too short to be a safetensors file")
+            raise HeaderError(f"{path} is {len(prefix)} bytes, too short to be a safetensors file")
         (length,) = struct.unpack("<Q", prefix)
-        if length > _MAX_HEADER:
-            raise HeaderError(f"{path} declares a {length}-byte header; not a safetensors file")
+        if length > min(_MAX_HEADER, size - 8):
+            raise HeaderError(
+                f"{path} declares a {length}-byte header but the file holds "
+                f"{size - 8} bytes after the length field; not a readable safetensors file"
+            )
         raw = file.read(length)
     try:
         header = json.loads(raw)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise HeaderError(f"{path} has an unreadable safetensors header ({error})") from None
+    if not isinstance(header, dict):
+        raise HeaderError(f"{path} has a safetensors header that is not a JSON object")
+    header.pop("__metadata__", None)
     tensors: Dict[str, TensorHeader] = {}
-    end = 0
-    try:
-        header.pop("__metadata__", None)
-        for name, info in header.items():
-            start, stop = info["data_offsets"]
-            dtype = _SAFETENSORS_DTYPES.get(info["dtype"], (str(info["dtype"]).lower(), 0))[0]
-            tensors[name] = TensorHeader(tuple(int(n) for n in info["shape"]), dtype, stop - start)
-            end = max(end, stop)
-    except (AttributeError, KeyError, TypeError, ValueError) as error:
-        raise HeaderError(f"{path} has a malformed safetensors header ({error!r})") from None
+    ranges = []
+    for name, info in header.items():
+        tensors[name], start, stop = _entry(path, name, info)
+        ranges.append((start, stop, name))
+    ranges.sort()
+    for (_, stop, first), (start, _, second) in zip(ranges, ranges[1:]):
+        if start < stop:
+            raise HeaderError(f"{path}: the bytes of tensors {first!r} and {second!r} overlap")
+    end = max((stop for _, stop, _ in ranges), default=0)
     return tensors, 8 + length + end
 
 
@@ -255,10 +293,15 @@ def _read_weights(facts: ModelFacts) -> None:
         if os.path.exists(index):
             try:
                 weight_map = _read_json(index).get("weight_map")
-            except ValueError:
+            except (OSError, ValueError, RecursionError):
                 weight_map = None
-            if not isinstance(weight_map, dict):
-                facts.problems.append(f"{os.path.basename(index)} has no readable weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) and v and os.path.basename(v) == v
+                for k, v in weight_map.items()
+            ):
+                facts.problems.append(
+                    f"{index} has no readable weight_map (tensor name -> shard file name)"
+                )
                 return
             facts.shards = dict(weight_map)
         elif os.path.exists(single):
@@ -287,6 +330,9 @@ def _read_files(facts: ModelFacts, files: Sequence[str]) -> None:
             found, needed = read_safetensors_header(path)
         except HeaderError as error:
             facts.problems.append(str(error))
+            continue
+        except OSError as error:
+            facts.problems.append(f"{path} cannot be read ({error.strerror or error})")
             continue
         if size < needed:
             facts.truncated.append(

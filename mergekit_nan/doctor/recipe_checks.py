@@ -257,7 +257,35 @@ def recipe_findings(data: Mapping[str, Any]) -> List[Finding]:
                 )
             )
     findings.extend(_combined_findings(data, method, rule, limit))
+    findings.extend(_count_findings(data, method))
     return findings
+
+
+def _count_findings(data: Mapping[str, Any], method: MergeMethod) -> Iterator[Finding]:
+    """``too-few-models``: a group with fewer models than the method's contract needs."""
+    contract = method.spec.contract
+    for group in groups(data):
+        implicit = [m for m in group.members if m.where == "base_model"]
+        inputs = [
+            m for m in group.members if not (implicit and m in implicit and _ignores_base(method))
+        ]
+        has_base = group.base is not None and not _ignores_base(method)
+        count = len({m.model for m in inputs})
+        non_base = count - int(has_base and group.base in {m.model for m in inputs})
+        if count >= contract.min_inputs and non_base >= (contract.min_non_base or 0):
+            continue
+        names = ", ".join(m.model for m in inputs) or "none"
+        besides = ""
+        if non_base < (contract.min_non_base or 0):
+            besides = f" and at least {contract.min_non_base} besides the base model"
+        yield Finding(
+            "error",
+            "too-few-models",
+            group.where,
+            f"{method.spec.name} merges at least {contract.min_inputs} models{besides}, but "
+            f"{group.where} gives {count} ({names}): mergekit would refuse the merge",
+            "list the models to merge (a base model and one fine-tune, or two fine-tunes)",
+        )
 
 
 def _tensor_problems(

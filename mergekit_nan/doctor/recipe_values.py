@@ -51,6 +51,10 @@ __all__ = [
 SCALING_PARAMETERS = ("weight", "lambda", "scale")
 """Parameters that multiply tensors: a value beyond the dtype's range gives Inf."""
 
+EXTREME_SCALE = 10.0
+"""A ``lambda`` or ``<method>+nan`` weight total beyond this (in magnitude) gets a warning:
+it extrapolates the task vectors that many times, far outside what merges use (0.5 to 2)."""
+
 _NORMALISE_SWITCHES = ("normalize", "normalize_weights")
 _ZERO = 1e-6
 """A weight sum below this fraction of the sum of magnitudes counts as zero."""
@@ -123,13 +127,26 @@ def is_numeric(spec: ParameterSpec) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+_EXPECTED = {
+    "float": "a number",
+    "int": "a whole number",
+    "bool": "true or false",
+    "string": "text",
+}
+"""What pydantic's ``<kind>_parsing``/``<kind>_type`` errors expect, in words."""
+
+
 def refusal(spec: ParameterSpec, value: Any) -> Optional[str]:
-    """Why ``spec`` refuses ``value``, in its own words; None when it accepts it."""
+    """Why ``spec`` refuses ``value``, in plain words; None when it accepts it."""
     try:
         spec.validate(value)
     except ValidationError as error:
-        message = error.errors()[0]["msg"]
-        return message.removeprefix("Value error, ")
+        problem = error.errors()[0]
+        kind = problem["type"].rsplit("_", 1)[0]
+        if problem["type"].endswith(("_parsing", "_type")) and kind in _EXPECTED:
+            return f"{spec.name} must be {_EXPECTED[kind]}"
+        message = problem["msg"].removeprefix("Value error, ")
+        return message[:1].lower() + message[1:]
     except Exception as error:  # noqa: BLE001 - RecipeError and friends speak for themselves
         return str(error)
     return None
@@ -245,9 +262,21 @@ def value_problems(
         # Priors are normalised away; a composite's weights count only as their total.
         if not (name == "weight" and rule and rule.role in ("prior", "total")):
             problems.append(_overflow(f"{name} = {parsed:g}{of_model}", name, limit))
+    elif name == "lambda" and abs(parsed) > EXTREME_SCALE:
+        problems.append(_extreme(f"lambda = {parsed:g}", parsed, "lambda"))
     if name == "weight" and rule is not None and parsed < 0:
         problems.extend(_negative_weight(rule, parsed, of_model, normalising))
     return problems
+
+
+def _extreme(what: str, value: float, name: str) -> Problem:
+    return Problem(
+        "warning",
+        "extreme-scale",
+        f"{what} extrapolates the task vectors {abs(value):g} times (beyond "
+        f"{EXTREME_SCALE:g}): the merged weights would be far from every input",
+        f"use a {name} of about 0.5 to 2 (1 keeps the scale of the inputs)",
+    )
 
 
 def _overflow(what: str, name: str, limit: Limit) -> Problem:
@@ -337,6 +366,8 @@ def weight_problems(
     names = _models([model for model, _ in given])
     if total == 0 or abs(total) <= _ZERO * _sum([abs(value) for value in values]) < math.inf:
         return [_zero_total(rule, names, total, all(value == 0 for value in values))]
+    if rule.role == "total" and EXTREME_SCALE < abs(total) <= (limit.max if limit else math.inf):
+        return [_extreme(f"the weights of {names} sum to {total:g}, which", total, "weight total")]
     if rule.role == "prior" or limit is None or abs(total) <= limit.max:
         return []
     if rule.role == "total" or all(abs(value) <= limit.max for value in values):

@@ -1,0 +1,127 @@
+"""The model card of ``mergekit-nan merge``: mergekit's card plus what NAN did.
+
+mergekit's own card (:func:`mergekit.card.generate_card`) for the recipe as
+given names the method and the models; :func:`nan_card_section` adds the
+granularity, the coefficients and the command that reproduces the model.
+``mergekit_config.yml`` holds the recipe as given and, when the coefficients
+were frozen, :data:`FROZEN_FILE` the stock recipe that was merged.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from mergekit.card import generate_card
+from mergekit.common import parse_kmb
+from mergekit.config import MergeConfiguration
+from mergekit.options import MergeOptions
+
+from mergekit_nan.commands.inspect import Inspection
+from mergekit_nan.commands.report import format_table
+from mergekit_nan.method import NAN_PAPER_URL
+from mergekit_nan.parameters import Granularity
+
+__all__ = ["FROZEN_FILE", "card_files", "nan_card_section", "reproduce_command", "write_card_files"]
+
+FROZEN_FILE = "mergekit_nan_frozen.yml"
+"""The stock recipe merged at ``layer``/``model`` granularity, next to the card."""
+
+_POOLING = {
+    "tensor": "every tensor's coefficients come from its own norms ||x_i,t||, "
+    "computed inside the merge",
+    "layer": "one coefficient per model per transformer layer, from the layer's "
+    "pooled norms sqrt(sum_t ||x_i,t||^2); embeddings, final norm and lm_head keep "
+    "per-tensor coefficients",
+    "model": "one coefficient per model, from whole-model norms sqrt(sum_t ||x_i,t||^2)",
+}
+
+
+def reproduce_command(granularity: Granularity, options: MergeOptions) -> str:
+    """The ``mergekit-nan merge`` command line that writes this model again.
+
+    Names every option that changes what is written: the granularity, the
+    random seed (DARE, DELLA), the device, the output shard size and the
+    switches mergekit needs for the recipe; ``OUT_PATH`` is left to the reader.
+    """
+    words: List[str] = ["mergekit-nan", "merge", "mergekit_config.yml", "OUT_PATH"]
+    words += ["--granularity", granularity]
+    if options.random_seed is not None:
+        words += ["--random-seed", str(options.random_seed)]
+    if options.device not in (None, "cpu"):
+        words += ["--device", str(options.device)]
+    if options.multi_gpu:
+        words.append("--multi-gpu")
+    if options.out_shard_size != parse_kmb("5B"):
+        words += ["--out-shard-size", str(options.out_shard_size)]
+    flags = {
+        "--allow-crimes": options.allow_crimes,
+        "--trust-remote-code": options.trust_remote_code,
+        "--lazy-unpickle": options.lazy_unpickle,
+        "--no-copy-tokenizer": not options.copy_tokenizer,
+    }
+    words += [flag for flag, given in flags.items() if given]
+    return shlex.join(words)
+
+
+def nan_card_section(
+    config: MergeConfiguration,
+    granularity: Granularity,
+    inspection: Optional[Inspection],
+    command: Optional[str] = None,
+) -> str:
+    """Markdown for the model card: NAN, the granularity and the coefficients."""
+    lines = [
+        "",
+        "### NAN coefficients",
+        "",
+        f"The merge coefficients were estimated with [NAN]({NAN_PAPER_URL}) "
+        f"(`merge_method: {config.merge_method}`) by `mergekit-nan merge` at "
+        f"**{granularity}** granularity: {_POOLING[granularity]}.",
+        "",
+    ]
+    if inspection is not None:
+        lines += ["```text", format_table(inspection), "```", ""]
+    else:
+        lines += [
+            "`mergekit-nan inspect mergekit_config.yml --all` lists them per tensor.",
+            "",
+        ]
+    lines.append(
+        "`mergekit_config.yml` is the recipe as given; `mergekit-nan merge` reproduces "
+        "this model from it" + (f":\n\n```bash\n{command}\n```" if command else ".")
+    )
+    if inspection is not None and granularity != "tensor":
+        lines.append(
+            f"\n`{FROZEN_FILE}` is the stock mergekit recipe that was merged "
+            f"(`{inspection.inner_method}` with these coefficients as `weight` values); "
+            "plain `mergekit-yaml` reproduces this model from it."
+        )
+    return "\n".join(lines) + "\n"
+
+
+def card_files(
+    name: str,
+    config: MergeConfiguration,
+    source: str,
+    granularity: Granularity,
+    inspection: Optional[Inspection],
+    frozen: Optional[str],
+    options: MergeOptions,
+) -> Dict[str, str]:
+    """File name -> text of the card files for a model named ``name``."""
+    card = generate_card(config=config, config_yaml=source, name=name)
+    command = reproduce_command(granularity, options)
+    files = {
+        "README.md": card + nan_card_section(config, granularity, inspection, command),
+        "mergekit_config.yml": source,
+    }
+    if frozen is not None and granularity != "tensor":
+        files[FROZEN_FILE] = frozen
+    return files
+
+
+def write_card_files(directory: Path, files: Dict[str, str]) -> None:
+    for file_name, text in files.items():
+        (directory / file_name).write_text(text, encoding="utf-8")

@@ -1,0 +1,157 @@
+"""Nothing lost, nothing half-written: ``mergekit-nan merge`` under real faults.
+
+Each fault runs in a real process (``stock.start_child``: forked from a
+server that has imported mergekit once) that is killed (SIGKILL) or
+interrupted (SIGINT) right after its first output shard is on disk, or whose
+writes fail (``RLIMIT_FSIZE``). Afterwards the inputs are byte-identical and
+``OUT_PATH`` holds exactly what it held before: nothing, or the earlier model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import yaml
+from conftest import load_model_tensors
+from stock import STALL_MARKER, run_command, start_child, wait_for
+
+from mergekit_nan.commands.output import PARTIAL, leftovers
+
+SHARD = "20K"
+"""Output shard size (parameters): the tiny model is written in several shards."""
+
+
+def snapshot(*roots: Path) -> Dict[str, str]:
+    """Path -> SHA-256 of every file under ``roots`` (an absent root contributes nothing)."""
+    digests = {}
+    for root in roots:
+        for path in sorted(root.rglob("*")) if root.exists() else ():
+            if path.is_file():
+                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return digests
+
+
+def write_recipe(path: Path, family: List[Path], method: str = "nan") -> Path:
+    base, *tuned = family
+    recipe = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(p)} for p in tuned],
+        "dtype": "float32",
+    }
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def merge_arguments(recipe: Path, out: Path, *extra: str) -> List[str]:
+    return [
+        "merge",
+        str(recipe),
+        str(out),
+        "--no-copy-tokenizer",
+        "--out-shard-size",
+        SHARD,
+        *extra,
+    ]
+
+
+@pytest.fixture
+def earlier(family, tmp_path) -> Path:
+    """An output directory holding an earlier merge (ties+nan) and one more file."""
+    out = tmp_path / "merged"
+    recipe = write_recipe(tmp_path / "ties.yml", family, "ties+nan")
+    run_command("mergekit-nan", *merge_arguments(recipe, out), check=True)
+    (out / "notes.txt").write_text("kept by the user")
+    return out
+
+
+def test_a_killed_merge_leaves_a_new_out_path_absent_and_says_so_next_time(family, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    out = tmp_path / "merged"
+    inputs = snapshot(*family)
+    child = start_child(
+        "mergekit-nan", *merge_arguments(recipe, out), cwd=tmp_path, stall_dir=tmp_path
+    )
+    wait_for(tmp_path / STALL_MARKER, child)
+    (partial,) = leftovers(out)
+    assert PARTIAL in partial.name and list(partial.glob("*.safetensors"))
+    child.process.kill()
+    assert child.wait() == -signal.SIGKILL
+    assert not out.exists() and snapshot(*family) == inputs
+    (tmp_path / STALL_MARKER).unlink()
+
+    result = run_command("mergekit-nan", *merge_arguments(recipe, out), check=True)
+    assert f"{partial} was left by an interrupted merge" in result.stderr
+    assert set(load_model_tensors(out)) == set(load_model_tensors(family[0]))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "model"])
+def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, granularity):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    before, inputs = snapshot(earlier), snapshot(*family)
+    arguments = merge_arguments(recipe, earlier, "--overwrite", "--granularity", granularity)
+    child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
+    wait_for(tmp_path / STALL_MARKER, child)
+    child.process.kill()
+    assert child.wait() == -signal.SIGKILL
+    assert snapshot(earlier) == before and snapshot(*family) == inputs
+    assert len(leftovers(earlier)) == 1
+
+
+def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    before = snapshot(earlier)
+    arguments = merge_arguments(recipe, earlier, "--overwrite")
+    child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
+    wait_for(tmp_path / STALL_MARKER, child)
+    os.kill(child.process.pid, signal.SIGINT)
+    assert child.wait() == 130
+    assert child.output.strip().splitlines()[-1] == f"Interrupted: {earlier} was left as it was."
+    assert "Traceback" not in child.output
+    assert snapshot(earlier) == before and leftovers(earlier) == []
+
+
+def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    before = snapshot(earlier)
+    largest = max(p.stat().st_size for p in earlier.glob("*.safetensors"))
+    child = start_child(
+        "mergekit-nan",
+        *merge_arguments(recipe, earlier, "--overwrite", "--out-shard-size", "5B"),
+        cwd=tmp_path,
+        file_size_limit=largest // 2,
+    )
+    assert child.wait() == 1
+    last = child.output.strip().splitlines()[-1]
+    assert last.startswith("Error: ") and last.endswith(f"{earlier} was left as it was")
+    assert "File too large" in last or "too large" in last.lower()
+    assert "Traceback" not in child.output
+    assert snapshot(earlier) == before and leftovers(earlier) == []
+
+
+def test_a_non_empty_out_path_is_refused_without_overwrite(family, earlier, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    before = snapshot(earlier)
+    result = run_command("mergekit-nan", *merge_arguments(recipe, earlier))
+    assert result.returncode == 1
+    assert "is not empty; pass --overwrite" in result.stderr.strip().splitlines()[-1]
+    assert snapshot(earlier) == before
+
+
+def test_overwrite_replaces_the_earlier_model_whole(family, earlier, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    alone = tmp_path / "alone"
+    run_command("mergekit-nan", *merge_arguments(recipe, alone), check=True)
+    run_command("mergekit-nan", *merge_arguments(recipe, earlier, "--overwrite"), check=True)
+    assert not (earlier / "notes.txt").exists()
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(p.name for p in alone.iterdir())
+    ours, theirs = load_model_tensors(earlier), load_model_tensors(alone)
+    assert all(ours[name].equal(theirs[name]) for name in theirs)
+    assert leftovers(earlier) == []
+    card = (earlier / "README.md").read_text()
+    assert "mergekit-nan merge mergekit_config.yml OUT_PATH" in card and PARTIAL not in card
