@@ -21,7 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stock import run_command
 
-from mergekit_nan.doctor.model_files import HeaderError, collect_models, read_safetensors_header
+from mergekit_nan.doctor.model_files import collect_models
+from mergekit_nan.doctor.safetensors_header import HeaderError, read_safetensors_header
 
 
 def encode(header: object, data: bytes = b"") -> bytes:

@@ -31,7 +31,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 from mergekit.common import ModelReference
 
 from mergekit_nan.doctor.findings import Finding
-from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor, TensorHeader, dtype_size
+from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor
+from mergekit_nan.doctor.safetensors_header import TensorHeader, dtype_size
 
 __all__ = ["Estimate", "LargestTensor", "estimate_job", "format_bytes"]
 

@@ -36,6 +36,7 @@ from mergekit.merge_methods.base import BasePolicy, MergeMethod, ParameterScope,
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
 
 from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.recipe_limits import Limit, Problem, dtype_limit, number
 from mergekit_nan.doctor.recipe_names import (
     NAN_PREFIX,
     forgotten_nan,
@@ -46,11 +47,7 @@ from mergekit_nan.doctor.recipe_names import (
     unknown_parameter,
 )
 from mergekit_nan.doctor.recipe_values import (
-    Limit,
-    Problem,
     WeightRule,
-    dtype_limit,
-    number,
     value_problems,
     weight_problems,
     weight_rule,

@@ -2,8 +2,8 @@
 
 Both kinds work on plain numbers, so the recipe doctor applies them to the
 values written in a recipe and to the values mergekit resolved per tensor.
-They return :class:`Problem` objects (a finding without its place); the
-caller adds the place with :meth:`Problem.at`.
+They return :class:`~mergekit_nan.doctor.recipe_limits.Problem` objects (a
+finding without its place); the caller adds the place.
 
 How a method uses ``weight`` decides what is wrong with it
 (:func:`weight_rule`):
@@ -25,131 +25,29 @@ import math
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Tuple
 
-import torch
-from mergekit.common import dtype_from_name
 from mergekit.merge_methods.base import MergeMethod, ParameterScope, ParameterSpec
 from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
-from pydantic import ValidationError
 from typing_extensions import Literal
 
-from mergekit_nan.doctor.findings import Finding, Level
+from mergekit_nan.doctor.recipe_limits import (
+    EXTREME_SCALE,
+    SCALING_PARAMETERS,
+    Limit,
+    Problem,
+    extreme,
+    is_numeric,
+    number,
+    overflow,
+    refusal,
+)
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients, takes_weight
 
-__all__ = [
-    "SCALING_PARAMETERS",
-    "Limit",
-    "Problem",
-    "WeightRule",
-    "dtype_limit",
-    "number",
-    "value_problems",
-    "weight_problems",
-    "weight_rule",
-]
-
-SCALING_PARAMETERS = ("weight", "lambda", "scale")
-"""Parameters that multiply tensors: a value beyond the dtype's range gives Inf."""
-
-EXTREME_SCALE = 10.0
-"""A ``lambda`` or ``<method>+nan`` weight total beyond this (in magnitude) gets a warning:
-it extrapolates the task vectors that many times, far outside what merges use (0.5 to 2)."""
+__all__ = ["WeightRule", "value_problems", "weight_problems", "weight_rule"]
 
 _NORMALISE_SWITCHES = ("normalize", "normalize_weights")
 _ZERO = 1e-6
 """A weight sum below this fraction of the sum of magnitudes counts as zero."""
-
-
-@dataclass(frozen=True)
-class Problem:
-    """A finding without its place."""
-
-    level: Level
-    code: str
-    message: str
-    fix: Optional[str] = None
-
-    def at(self, where: str, tensor: Optional[str] = None) -> Finding:
-        return Finding(self.level, self.code, where, self.message, self.fix, tensor)
-
-
-@dataclass(frozen=True)
-class Limit:
-    """The largest magnitude the merge's dtypes hold, and the dtype that sets it."""
-
-    dtype: str
-    max: float
-
-
-_FLOAT32 = Limit("float32", torch.finfo(torch.float32).max)
-
-
-def dtype_limit(dtype: Optional[str], out_dtype: Optional[str]) -> Optional[Limit]:
-    """The narrowest of ``dtype`` and ``out_dtype``; float32 when neither is set.
-
-    None when a name is not a floating-point dtype mergekit knows (mergekit
-    reports that itself).
-    """
-    limits = []
-    for name in (dtype, out_dtype):
-        if not name:
-            continue
-        try:
-            torch_dtype = dtype_from_name(str(name))
-        except RuntimeError:
-            return None
-        if not torch_dtype.is_floating_point:
-            return None
-        limits.append(Limit(str(torch_dtype).replace("torch.", ""), torch.finfo(torch_dtype).max))
-    return min(limits, key=lambda limit: limit.max, default=_FLOAT32)
-
-
-def number(value: Any) -> Optional[float]:
-    """A numeric value as a float (strings such as ``1e400`` too), else None."""
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float, str)):
-        try:
-            return float(value)
-        except OverflowError:
-            return math.inf if value > 0 else -math.inf  # an integer beyond the float range
-        except ValueError:
-            return None
-    return None
-
-
-def is_numeric(spec: ParameterSpec) -> bool:
-    """Whether a parameter takes a number (not a switch or a label)."""
-    try:
-        value = spec.validate(1)
-    except Exception:  # noqa: BLE001 - any refusal means "not a number"
-        return False
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-_EXPECTED = {
-    "float": "a number",
-    "int": "a whole number",
-    "bool": "true or false",
-    "string": "text",
-}
-"""What pydantic's ``<kind>_parsing``/``<kind>_type`` errors expect, in words."""
-
-
-def refusal(spec: ParameterSpec, value: Any) -> Optional[str]:
-    """Why ``spec`` refuses ``value``, in plain words; None when it accepts it."""
-    try:
-        spec.validate(value)
-    except ValidationError as error:
-        problem = error.errors()[0]
-        kind = problem["type"].rsplit("_", 1)[0]
-        if problem["type"].endswith(("_parsing", "_type")) and kind in _EXPECTED:
-            return f"{spec.name} must be {_EXPECTED[kind]}"
-        message = problem["msg"].removeprefix("Value error, ")
-        return message[:1].lower() + message[1:]
-    except Exception as error:  # noqa: BLE001 - RecipeError and friends speak for themselves
-        return str(error)
-    return None
 
 
 WeightRole = Literal["prior", "total", "normalised", "plain"]
@@ -261,32 +159,12 @@ def value_problems(
     if name in SCALING_PARAMETERS and limit and abs(parsed) > limit.max:
         # Priors are normalised away; a composite's weights count only as their total.
         if not (name == "weight" and rule and rule.role in ("prior", "total")):
-            problems.append(_overflow(f"{name} = {parsed:g}{of_model}", name, limit))
+            problems.append(overflow(f"{name} = {parsed:g}{of_model}", name, limit))
     elif name == "lambda" and abs(parsed) > EXTREME_SCALE:
-        problems.append(_extreme(f"lambda = {parsed:g}", parsed, "lambda"))
+        problems.append(extreme(f"lambda = {parsed:g}", parsed, "lambda"))
     if name == "weight" and rule is not None and parsed < 0:
         problems.extend(_negative_weight(rule, parsed, of_model, normalising))
     return problems
-
-
-def _extreme(what: str, value: float, name: str) -> Problem:
-    return Problem(
-        "warning",
-        "extreme-scale",
-        f"{what} extrapolates the task vectors {abs(value):g} times (beyond "
-        f"{EXTREME_SCALE:g}): the merged weights would be far from every input",
-        f"use a {name} of about 0.5 to 2 (1 keeps the scale of the inputs)",
-    )
-
-
-def _overflow(what: str, name: str, limit: Limit) -> Problem:
-    wider = ", or merge in float32" if limit.dtype == "float16" else ""
-    return Problem(
-        "error",
-        "overflow",
-        f"{what} overflows {limit.dtype} (max {limit.max:g}): the merged tensor would be Inf",
-        f"lower {name}{wider}",
-    )
 
 
 def _negative_weight(
@@ -367,12 +245,12 @@ def weight_problems(
     if total == 0 or abs(total) <= _ZERO * _sum([abs(value) for value in values]) < math.inf:
         return [_zero_total(rule, names, total, all(value == 0 for value in values))]
     if rule.role == "total" and EXTREME_SCALE < abs(total) <= (limit.max if limit else math.inf):
-        return [_extreme(f"the weights of {names} sum to {total:g}, which", total, "weight total")]
+        return [extreme(f"the weights of {names} sum to {total:g}, which", total, "weight total")]
     if rule.role == "prior" or limit is None or abs(total) <= limit.max:
         return []
     if rule.role == "total" or all(abs(value) <= limit.max for value in values):
         # Single weights beyond the range are reported on their own.
-        return [_overflow(f"the weights of {names} sum to {total:g}, which", "the weights", limit)]
+        return [overflow(f"the weights of {names} sum to {total:g}, which", "the weights", limit)]
     return []
 
 
