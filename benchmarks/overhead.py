@@ -34,6 +34,7 @@ import argparse
 import functools
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,7 @@ def _stock(recipe: str) -> Variant:
 
 PAIRS: Dict[str, Tuple[Variant, Variant]] = {
     "nan": (_stock("nan"), _stock("linear")),
+    "nan-no-base": (_stock("nan (no base)"), _stock("linear (no base)")),
     "ties": (_stock("ties+nan"), _stock("ties")),
     "dare_ties": (_stock("dare_ties+nan"), _stock("dare_ties")),
     "merge-model": (
@@ -80,8 +82,12 @@ PAIRS: Dict[str, Tuple[Variant, Variant]] = {
         Variant("nan [mergekit-yaml]", "nan", "yaml"),
     ),
 }
-DEFAULT_PAIRS = {"tiny": "nan,ties,dare_ties,merge-model", "full": "nan,ties,dare_ties,merge-model"}
-DEFAULT_PAIRS["3b"] = "nan,ties"
+DEFAULT_PAIRS = {
+    "tiny": "nan,nan-no-base,ties,dare_ties,merge-model",
+    "134m": "nan-no-base,ties,dare_ties",
+    "full": "nan,ties,dare_ties,merge-model",
+    "3b": "nan,ties",
+}
 
 
 def merge_configs(paths: Sequence[Path]) -> Dict[str, Dict[str, object]]:
@@ -103,6 +109,12 @@ def merge_configs(paths: Sequence[Path]) -> Dict[str, Dict[str, object]]:
             "dtype": "bfloat16",
         },
         "nan": {"merge_method": "nan", "models": models({}), **common},
+        "linear (no base)": {
+            "merge_method": "linear",
+            "models": models({"weight": 1.0}),
+            "dtype": "bfloat16",
+        },
+        "nan (no base)": {"merge_method": "nan", "models": models({}), "dtype": "bfloat16"},
         "ties": {"merge_method": "ties", "models": models({"weight": 1.0, **sparse}), **common},
         "ties+nan": {"merge_method": "ties+nan", "models": models(sparse), **common},
         "dare_ties": {
@@ -112,6 +124,11 @@ def merge_configs(paths: Sequence[Path]) -> Dict[str, Dict[str, object]]:
         },
         "dare_ties+nan": {"merge_method": "dare_ties+nan", "models": models(sparse), **common},
     }
+
+
+def _slug(name: str) -> str:
+    """A recipe name as a file name: ``nan (no base)`` -> ``nan_no_base``."""
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
 
 
 def _script(name: str) -> Optional[str]:
@@ -232,7 +249,7 @@ def measure_merges(
     work.mkdir(parents=True, exist_ok=True)
     files = {}
     for name, config in merge_configs(paths).items():
-        files[name] = work / f"{name.replace('+', '_')}.yml"
+        files[name] = work / f"{_slug(name)}.yml"
         files[name].write_text(yaml.safe_dump(config))
     results = list(done)
     measured = {(r.round, r.pair, r.method) for r in done}
@@ -242,7 +259,7 @@ def measure_merges(
             for variant in pair if number % 2 == 0 else pair[::-1]:
                 if (number, label, variant.name) in measured:
                     continue
-                out = work / f"out-{variant.recipe.replace('+', '_')}-{variant.command}"
+                out = work / f"out-{_slug(variant.recipe)}-{variant.command}"
                 command = command_for(variant, files[variant.recipe], out, extra)
                 wall, rss, anon, mapped = run_merge(command, out)
                 results.append(Measurement(label, variant.name, number, wall, rss, anon, mapped))

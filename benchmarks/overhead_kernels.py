@@ -20,6 +20,8 @@ from mergekit_nan.coefficients import frobenius_norms
 
 DENSITY = 0.5
 RANDOM_SEED = 0
+NO_BASE = " (no base)"
+"""Suffix of the recipes that merge the fine-tunes alone (the base model is not read)."""
 
 
 def _tensor_files(path: Path) -> List[Tuple[str, str]]:
@@ -103,8 +105,10 @@ def probe_peak(paths: Sequence[Path], method: str) -> int:
         with safe_open(str(paths[0] / file), framework="pt") as handle:
             sizes[name] = numel(handle.get_slice(name).get_shape())
     name = max(sizes, key=sizes.__getitem__)
+    no_base = method.endswith(NO_BASE)
+    method = method.removesuffix(NO_BASE)
     tensors = []
-    for path in paths:
+    for path in paths[1:] if no_base else paths:
         with safe_open(str(path / files[name]), framework="pt") as handle:
             tensors.append(handle.get_tensor(name).clone())
     parameters = {
@@ -115,7 +119,7 @@ def probe_peak(paths: Sequence[Path], method: str) -> int:
     }[method.removesuffix("+nan")]
     if method.endswith("+nan"):
         parameters = {k: v for k, v in parameters.items() if k != "weight"}
-    base_index = None if method == "linear" else 0
+    base_index = None if method == "linear" or no_base else 0
     torch.manual_seed(RANDOM_SEED)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     merge_tensors(tensors, method, parameters=parameters, base_index=base_index, name=name)

@@ -114,6 +114,21 @@ FAMILIES: Dict[str, Family] = {
         (0.1, 0.2, 0.4),
         "Llama-shaped, 2 layers, hidden 64",
     ),
+    "134m": Family(
+        Shape(
+            49152,
+            576,
+            1536,
+            30,
+            9,
+            shard_parameters=100_000_000,
+            num_key_value_heads=3,
+            tie_word_embeddings=True,
+        ),
+        (0.1, 0.2, 0.4),
+        "SmolLM-135M-shaped Llama, 30 layers, hidden 576, intermediate 1536, 9 heads / 3 KV "
+        "heads, vocabulary 49152, tied embeddings",
+    ),
     "full": Family(
         Shape(32000, 1024, 2816, 24, 16, shard_parameters=100_000_000),
         (0.1, 0.2, 0.4),

@@ -32,7 +32,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_nan.coefficients import accumulation_dtype
 from mergekit_nan.errors import TensorOverflowError
-from mergekit_nan.measure import MeasurableMethod
+from mergekit_nan.measure import MeasurableMethod, record
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
 
@@ -77,6 +77,7 @@ class NanMerge(MeasurableMethod):
         group: TensorGroup,
         parameters: Mapping[str, Any],
         scratch: Optional[torch.Tensor] = None,
+        moments: bool = False,
     ) -> Weighting:
         """The alpha_i of ``group`` (bound parameters), with ``lambda`` as the scale."""
         prior: PerInputValues[float] = parameters["weight"]
@@ -92,6 +93,7 @@ class NanMerge(MeasurableMethod):
             scale=parameters["lambda"] if group.base is not None else 1.0,
             scales_weights=False,
             scratch=scratch,
+            moments=moments,
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
@@ -103,6 +105,7 @@ class NanMerge(MeasurableMethod):
             first.shape, dtype=accumulation_dtype(first.dtype), device=first.device
         )
         weighting = self.weighting(group, parameters, scratch=result)
+        record(group, weighting)
         scale = weighting.scale
         total = math.fsum(weighting.shares)
         coefficients = [scale * share / total for share in weighting.shares]

@@ -31,7 +31,7 @@ from mergekit.merge_methods.base import (
 )
 
 from mergekit_nan.errors import TensorError
-from mergekit_nan.measure import MeasurableMethod
+from mergekit_nan.measure import MeasurableMethod, record
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting
 
@@ -78,7 +78,9 @@ class NanCoefficients(MeasurableMethod):
         )
         self._weight_scope = next(p.scope for p in inner.spec.parameters if p.name == "weight")
 
-    def weighting(self, group: TensorGroup, parameters: Mapping[str, Any]) -> Optional[Weighting]:
+    def weighting(
+        self, group: TensorGroup, parameters: Mapping[str, Any], moments: bool = False
+    ) -> Optional[Weighting]:
         """The ``weight`` values for ``group`` (bound parameters); None if only a base.
 
         Raises for ``nan_norm: delta`` on a base-ignoring method and for weights
@@ -114,12 +116,14 @@ class NanCoefficients(MeasurableMethod):
             exponent=parameters[NAN_EXPONENT.name],
             scale=total,
             scales_weights=True,
+            moments=moments,
         )
 
     def merge_group(self, group: TensorGroup, /, **parameters: Any) -> torch.Tensor:
         weighting = self.weighting(group, parameters)
         inner = {k: v for k, v in parameters.items() if k not in _NAN_PARAMETERS}
         if weighting is not None:
+            record(group, weighting)
             inner["weight"] = dict(zip(weighting.models, weighting.weights))
         # With only a base (an optional tensor the others lack) there is nothing
         # to weigh: the inner method decides (the task-arithmetic family returns it).

@@ -15,12 +15,9 @@ from typing import Hashable, Mapping, Optional, Sequence, Tuple
 import torch
 from mergekit.merge_methods.base import TensorEntry, TensorGroup
 
-from mergekit_nan.coefficients import (
-    NonFiniteInputError,
-    coefficients_from_norms,
-    frobenius_norms,
-)
+from mergekit_nan.coefficients import coefficients_from_norms
 from mergekit_nan.errors import RecipeError, TensorError, TensorTypeError
+from mergekit_nan.norms import NonFiniteInputError, norms_and_sums
 from mergekit_nan.parameters import NanNorm
 
 __all__ = ["Weighting", "check_scale", "group_weighting", "uses_base"]
@@ -34,6 +31,9 @@ class Weighting:
     are aligned. ``scale`` is ``lambda`` for ``nan`` (1 without a base) and the
     user's weight total for ``<method>+nan``; ``weights`` are the values the
     merge uses: the shares for ``nan``, shares times the total for composites.
+    ``sums`` (sum of the elements of each x_i) and ``numel`` are measured only
+    when asked for (``moments=True``), for the zero-mean premise; ``delta``
+    says whether the x_i are task vectors (else the tensors themselves).
     """
 
     models: Tuple[Hashable, ...]
@@ -43,6 +43,9 @@ class Weighting:
     exponent: float
     scale: float
     scales_weights: bool
+    sums: Optional[Tuple[float, ...]] = None
+    numel: int = 0
+    delta: bool = False
 
     @property
     def weights(self) -> Tuple[float, ...]:
@@ -107,14 +110,16 @@ def group_weighting(
     scales_weights: bool,
     prior: Optional[Mapping[object, float]] = None,
     scratch: Optional[torch.Tensor] = None,
+    moments: bool = False,
 ) -> Weighting:
     """NAN's reading of ``inputs``, a subset of ``group``, with one host sync.
 
     x_i is ``input - base`` when :func:`uses_base`, else the input itself;
     norms are computed on the inputs' device in float32 (float64 for float64
     inputs). ``prior`` maps input ids to non-negative weights; ``scratch`` is
-    working memory for :func:`~mergekit_nan.coefficients.frobenius_norms`.
-    Errors name the tensor and the model.
+    working memory for :func:`~mergekit_nan.norms.norms_and_sums`; with
+    ``moments`` the same pass also sums each x_i. Errors name the tensor and
+    the model.
     """
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
@@ -124,7 +129,9 @@ def group_weighting(
             )
     base = group.base.tensor if uses_base(group, nan_norm) else None
     try:
-        norms = frobenius_norms([entry.tensor for entry in inputs], base, scratch=scratch)
+        norms, sums = norms_and_sums(
+            [entry.tensor for entry in inputs], base, scratch=scratch, with_sums=moments
+        )
     except NonFiniteInputError as error:
         models = [str(inputs[index].id) for index in error.indices]
         if error.base:
@@ -142,7 +149,8 @@ def group_weighting(
         shares = coefficients_from_norms(norms, exponent=exponent, prior=weights)
     except ValueError as error:
         raise TensorError(f"{error} (tensor {_label(group)})") from None
-    norms_list, shares_list = torch.stack([norms, shares.to(norms.dtype)]).tolist()
+    rows = [norms, shares.to(norms.dtype)] + ([] if sums is None else [sums.to(norms.dtype)])
+    norms_list, shares_list, *sums_list = torch.stack(rows).tolist()
     return Weighting(
         models=tuple(entry.id for entry in inputs),
         norms=tuple(norms_list),
@@ -151,4 +159,7 @@ def group_weighting(
         exponent=exponent,
         scale=scale,
         scales_weights=scales_weights,
+        sums=tuple(sums_list[0]) if sums_list else None,
+        numel=inputs[0].tensor.numel() if inputs else 0,
+        delta=base is not None,
     )

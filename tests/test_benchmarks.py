@@ -21,8 +21,22 @@ import torch
 from stock import command
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-PAIRS = ("nan vs linear", "ties+nan vs ties", "dare_ties+nan vs dare_ties")
-METHODS = ("nan", "linear", "ties+nan", "ties", "dare_ties+nan", "dare_ties")
+PAIRS = (
+    "nan vs linear",
+    "nan (no base) vs linear (no base)",
+    "ties+nan vs ties",
+    "dare_ties+nan vs dare_ties",
+)
+METHODS = (
+    "nan",
+    "linear",
+    "nan (no base)",
+    "linear (no base)",
+    "ties+nan",
+    "ties",
+    "dare_ties+nan",
+    "dare_ties",
+)
 MERGE_MODEL_PAIR = "nan [mergekit-nan merge --granularity model] vs nan [mergekit-yaml]"
 State = Dict[str, torch.Tensor]
 
@@ -125,7 +139,7 @@ def overhead_models(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return importlib.import_module("overhead_models")
 
 
-@pytest.mark.parametrize("size", ["tiny", "full", "3b"])
+@pytest.mark.parametrize("size", ["tiny", "134m", "full", "3b"])
 def test_overhead_shapes_are_the_transformers_llama_layout(
     overhead_models: ModuleType, size: str
 ) -> None:
@@ -139,6 +153,13 @@ def test_overhead_shapes_are_the_transformers_llama_layout(
     assert shape.parameters() == sum(p.numel() for p in model.parameters())
     name, count = shape.largest_tensor()
     assert count == max(p.numel() for p in model.parameters()) and name in expected
+
+
+def test_overhead_134m_is_smollm_135m_sized(overhead_models: ModuleType) -> None:
+    # SmolLM-135M: 134,515,008 parameters with tied embeddings; 49152 x 576 embedding.
+    shape = overhead_models.FAMILIES["134m"].shape
+    assert shape.parameters() == 134_515_008
+    assert shape.largest_tensor() == ("model.embed_tokens.weight", 49152 * 576)
 
 
 def test_overhead_3b_is_llama_3_2_3b_sized(overhead_models: ModuleType) -> None:

@@ -19,7 +19,8 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.inspect import Inspection
-from mergekit_nan.commands.report import format_table
+from mergekit_nan.commands.premise import Premise, card_line
+from mergekit_nan.commands.report import format_table, model_labels
 from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import Granularity
 
@@ -70,8 +71,12 @@ def nan_card_section(
     granularity: Granularity,
     inspection: Optional[Inspection],
     command: Optional[str] = None,
+    norms: Optional[str] = None,
 ) -> str:
-    """Markdown for the model card: NAN, the granularity and the coefficients."""
+    """Markdown for the model card: NAN, the granularity, the norms and the coefficients.
+
+    ``norms`` is :func:`~mergekit_nan.commands.premise.card_line`'s one line.
+    """
     lines = [
         "",
         "### NAN coefficients",
@@ -81,6 +86,8 @@ def nan_card_section(
         f"**{granularity}** granularity: {_POOLING[granularity]}.",
         "",
     ]
+    if norms:
+        lines += [norms, ""]
     if inspection is not None:
         lines += ["```text", format_table(inspection), "```", ""]
     else:
@@ -109,12 +116,20 @@ def card_files(
     inspection: Optional[Inspection],
     frozen: Optional[str],
     options: MergeOptions,
+    found: Optional[Premise] = None,
 ) -> Dict[str, str]:
-    """File name -> text of the card files for a model named ``name``."""
+    """File name -> text of the card files for a model named ``name``.
+
+    ``found`` (the models as NAN saw them) gives the card its line of norms.
+    """
     card = generate_card(config=config, config_yaml=source, name=name)
     command = reproduce_command(granularity, options)
+    norms = None
+    if found is not None and found.models:
+        norms = card_line(found, model_labels([m.model for m in found.models]))
+    section = nan_card_section(config, granularity, inspection, command, norms)
     files = {
-        "README.md": card + nan_card_section(config, granularity, inspection, command),
+        "README.md": card + section,
         "mergekit_config.yml": source,
     }
     if frozen is not None and granularity != "tensor":

@@ -165,6 +165,8 @@ def inspect_command(
     weight values handed to <method>.
     """
     from mergekit_nan.commands import report
+    from mergekit_nan.commands.premise import format_premise, premise, premise_findings
+    from mergekit_nan.doctor.findings import format_findings
 
     _check_writable(json_file, csv_file, plot_file)
     if plot_file:
@@ -179,6 +181,12 @@ def inspect_command(
         outputs[plot_file] = lambda path: report.write_heatmap(path, inspection)
     report.write_files(outputs)
     click.echo(report.format_table(inspection, all_tensors=all_tensors))
+    labels = report.model_labels(inspection.models)
+    found = premise(inspection)
+    click.echo("")
+    click.echo(format_premise(found, labels))
+    for line in format_findings(premise_findings(found, labels)):
+        click.echo(line)
     for path in outputs:
         click.echo(f"Wrote {path}")
 

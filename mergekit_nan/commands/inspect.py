@@ -27,6 +27,7 @@ configuration before planning.
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -79,7 +80,9 @@ class TensorCoefficients:
     one entry per model that NAN weighs. ``shares`` sum to one; ``weights``
     are the values the merge uses (alpha_i for ``nan``, the inner method's
     ``weight`` for ``<method>+nan``); ``scale`` is ``lambda`` for ``nan`` (1
-    without a base) and the weight total for ``<method>+nan``.
+    without a base) and the weight total for ``<method>+nan``. ``sums`` are
+    the sums of the elements of each x_i, of ``numel`` elements; ``delta``:
+    the x_i are task vectors (else the tensors themselves).
     """
 
     name: str
@@ -93,6 +96,17 @@ class TensorCoefficients:
     shares: Tuple[float, ...]
     weights: Tuple[float, ...]
     scale: float
+    sums: Tuple[float, ...] = ()
+    numel: int = 0
+    delta: bool = False
+
+    @property
+    def mean_shifts(self) -> Tuple[float, ...]:
+        """|mean(x_i)| / rms(x_i) per model: 0 for a zero-mean x_i, 1 for a constant one."""
+        return tuple(
+            abs(total) / (math.sqrt(self.numel) * norm) if norm > 0 and self.numel else 0.0
+            for total, norm in zip(self.sums, self.norms)
+        )
 
 
 @dataclass(frozen=True)
@@ -340,6 +354,9 @@ def measure_recipe(
                 shares=used.shares,
                 weights=used.weights,
                 scale=item.scale,
+                sums=item.sums or (),
+                numel=item.numel,
+                delta=item.delta,
             )
         )
     method = merge_methods.get(config.merge_method)

@@ -39,8 +39,10 @@ from mergekit_nan.commands.card import card_files, write_card_files
 from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
 from mergekit_nan.commands.inspect import Inspection, measure_recipe, require_nan_recipe
 from mergekit_nan.commands.output import atomic_directory
+from mergekit_nan.commands.premise import premise, recorded_premise
 from mergekit_nan.commands.report import write_files
 from mergekit_nan.granularity import resolve_granularity, without_granularity
+from mergekit_nan.measure import recording
 from mergekit_nan.parameters import Granularity
 
 __all__ = ["MergeResult", "merge_recipe"]
@@ -120,11 +122,16 @@ def merge_recipe(
         # mergekit's own card would name the partial directory: this module writes it.
         inner = options.model_copy(update={"write_model_card": False})
         if granularity == "tensor":
-            run_merge(plain, str(partial), options=inner, config_source=source)
+            with recording() as records:  # the norms the merge computes, for the card
+                run_merge(plain, str(partial), options=inner, config_source=source)
+            found = recorded_premise(records)
         else:
             merged = MergeConfiguration.model_validate(yaml.safe_load(frozen))
             run_merge(merged, str(partial), options=inner, config_source=frozen)
+            found = premise(inspection)
         if options.write_model_card:
-            files = card_files(target.name, plain, source, granularity, inspection, frozen, options)
+            files = card_files(
+                target.name, plain, source, granularity, inspection, frozen, options, found
+            )
             write_card_files(partial, files)
     return MergeResult(granularity, inspection, frozen, target)

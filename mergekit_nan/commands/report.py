@@ -126,8 +126,13 @@ def to_json(inspection: Inspection) -> Dict[str, Any]:
     """A JSON-ready dict: recipe facts, pooled norms and every tensor's coefficients.
 
     ``model_norms`` (model granularity) maps models to whole-model norms;
-    ``layer_norms`` (layer granularity) lists each output layer's pooled norms.
+    ``layer_norms`` (layer granularity) lists each output layer's pooled norms;
+    ``premise`` is :func:`~mergekit_nan.commands.premise.premise` (per model:
+    norm, share, coefficient, layer norms, mean shift; the spread).
     """
+    from mergekit_nan.commands.premise import premise
+
+    found = premise(inspection)
     return {
         "merge_method": inspection.merge_method,
         "stock_method": inspection.inner_method,
@@ -145,6 +150,26 @@ def to_json(inspection: Inspection) -> Dict[str, Any]:
             {"module": module, "layer": layer, "norms": {str(m): n for m, n in norms.items()}}
             for (module, layer), norms in inspection.layer_norms.items()
         ],
+        "premise": {
+            "task_vectors": found.delta,
+            "tensors": found.tensors,
+            "spread": found.spread,
+            "tensor_spread": found.tensor_spread,
+            "models": [
+                {
+                    "model": str(m.model),
+                    "norm": m.norm,
+                    "share": m.share,
+                    "coefficient": m.coefficient,
+                    "layer_norms": m.layer_norms,
+                    "mean_share": m.mean_share,
+                    "largest_mean_shift": m.largest_shift,
+                    "largest_mean_shift_tensor": m.largest_shift_tensor,
+                    "mean_shifted_tensors": list(m.shifted),
+                }
+                for m in found.models
+            ],
+        },
         "skipped": list(inspection.skipped),
         "tensors": [
             {
@@ -160,15 +185,21 @@ def to_json(inspection: Inspection) -> Dict[str, Any]:
                         "norm": norm,
                         "share": share,
                         "weight": weight,
+                        "mean_shift": shift,
                     }
-                    for model, name, norm, share, weight in zip(
-                        t.models, t.inputs, t.norms, t.shares, t.weights
+                    for model, name, norm, share, weight, shift in zip(
+                        t.models, t.inputs, t.norms, t.shares, t.weights, _shifts(t)
                     )
                 ],
             }
             for t in inspection.tensors
         ],
     }
+
+
+def _shifts(tensor: TensorCoefficients) -> Tuple[float, ...]:
+    """|mean(x_i)| / rms(x_i) per model (0 where the sums were not measured)."""
+    return tensor.mean_shifts or (0.0,) * len(tensor.models)
 
 
 def write_json(path: str, inspection: Inspection) -> None:
@@ -189,6 +220,7 @@ CSV_COLUMNS = (
     "share",
     "weight",
     "scale",
+    "mean_shift",
 )
 
 
@@ -198,8 +230,8 @@ def write_csv(path: str, inspection: Inspection) -> None:
         writer = csv.writer(file)
         writer.writerow(CSV_COLUMNS)
         for t in inspection.tensors:
-            for model, name, norm, share, weight in zip(
-                t.models, t.inputs, t.norms, t.shares, t.weights
+            for model, name, norm, share, weight, shift in zip(
+                t.models, t.inputs, t.norms, t.shares, t.weights, _shifts(t)
             ):
                 layer = "" if t.layer is None else t.layer
                 writer.writerow(
@@ -214,6 +246,7 @@ def write_csv(path: str, inspection: Inspection) -> None:
                         repr(share),
                         repr(weight),
                         repr(t.scale),
+                        repr(shift),
                     ]
                 )
 
