@@ -109,3 +109,26 @@ def test_inspect_cuda_equals_cpu(family, tmp_path):
         for model_cuda, model_cpu in zip(on_cuda["models"], on_cpu["models"]):
             assert model_cuda["norm"] == pytest.approx(model_cpu["norm"], rel=1e-6)
             assert model_cuda["weight"] == pytest.approx(model_cpu["weight"], abs=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_multi_gpu_merge_and_inspect_equal_cpu(family, tmp_path):
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(yaml_recipe("nan", family)))
+    common = ["--no-copy-tokenizer", "--no-write-model-card"]
+    for name, flags in (("cpu", []), ("gpus", ["--multi-gpu", "--cuda"])):
+        arguments = ["merge", str(recipe), str(tmp_path / name), *common, *flags]
+        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        out = tmp_path / f"{name}.json"
+        arguments = ["inspect", str(recipe), "-q", "--json", str(out), *flags]
+        assert CliRunner().invoke(main, arguments, catch_exceptions=False).exit_code == 0
+    cpu, gpus = load_model_tensors(tmp_path / "cpu"), load_model_tensors(tmp_path / "gpus")
+    for name, tensor in gpus.items():
+        expected = cpu[name].double()
+        assert float((tensor.double() - expected).abs().max() / expected.abs().max()) < 2e-6
+    on_cpu = json.loads((tmp_path / "cpu.json").read_text())["tensors"]
+    on_gpus = json.loads((tmp_path / "gpus.json").read_text())["tensors"]
+    for a, b in zip(on_gpus, on_cpu):
+        for model_a, model_b in zip(a["models"], b["models"]):
+            assert model_a["norm"] == pytest.approx(model_b["norm"], rel=1e-6)

@@ -126,3 +126,28 @@ def test_the_card_records_the_norms_and_every_option_to_reproduce(family, tmp_pa
     run_command("mergekit-nan", *words, check=True)
     first, second = load_model_tensors(out), load_model_tensors(again)
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+def test_multi_gpu_reaches_mergekit_for_merge_and_inspect(family, tmp_path, monkeypatch):
+    """The flag is mergekit's own option; the executor itself is exercised on GPUs (test_cuda)."""
+    import mergekit_nan.commands.inspect as inspect_module
+    import mergekit_nan.commands.merge as merge_module
+
+    seen = {}
+
+    def executor(tasks, storage_device=None):
+        seen["inspect"] = storage_device
+        raise RuntimeError("stop here")
+
+    def run_merge(config, out_path, options, config_source=None):
+        seen["merge"] = options.multi_gpu
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(inspect_module, "MultiGPUExecutor", executor)
+    monkeypatch.setattr(merge_module, "run_merge", run_merge)
+    recipe = recipe_file(family, tmp_path)
+    result = run_command("mergekit-nan", "inspect", str(recipe), "-q", "--multi-gpu")
+    assert result.returncode == 1 and seen["inspect"] == "cpu"
+    out = tmp_path / "merged"
+    result = run_command("mergekit-nan", "merge", str(recipe), str(out), "--multi-gpu")
+    assert result.returncode == 1 and seen["merge"] is True and not out.exists()

@@ -59,6 +59,11 @@ def _mergekit_options(command: Callable) -> Callable:
         _granularity_option(),
         click.option("--device", default=None, help="Compute on this device (e.g. cuda:0)"),
         click.option("--cuda", is_flag=True, help="Compute on the GPU (--device cuda)"),
+        click.option(
+            "--multi-gpu",
+            is_flag=True,
+            help="Spread the tensors over every GPU (mergekit's multi-GPU executor)",
+        ),
         click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
         click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
         click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
@@ -78,6 +83,7 @@ def _merge_options(arguments: Dict[str, Any]):
     return MergeOptions(
         device=arguments["device"],
         cuda=arguments["cuda"],
+        multi_gpu=arguments["multi_gpu"],
         lora_merge_cache=arguments["lora_merge_cache"],
         transformers_cache=arguments["transformers_cache"],
         trust_remote_code=arguments["trust_remote_code"],

@@ -42,6 +42,7 @@ from mergekit.config import MergeConfiguration
 from mergekit.graph import Executor, Task
 from mergekit.io.tasks import LoaderCache
 from mergekit.merge_methods.task_adapter import ExecuteMergeMethodTask
+from mergekit.multigpu_executor import MultiGPUExecutor
 from mergekit.options import MergeOptions
 from mergekit.plan import MergePlanner
 
@@ -287,7 +288,7 @@ def inspect_recipe(
     ``granularity`` None means the recipe's ``nan_granularity``, else
     ``tensor``; a misplaced or unknown ``nan_granularity`` is a
     :class:`~mergekit_nan.errors.RecipeError`.
-    ``options`` are mergekit's (``device``, ``lora_merge_cache``,
+    ``options`` are mergekit's (``device``, ``multi_gpu``, ``lora_merge_cache``,
     ``transformers_cache``, ``trust_remote_code``, ``allow_crimes``,
     ``quiet``); LoRA references are merged the way mergekit merges them, into
     ``options.lora_merge_cache`` or a temporary directory. Raises
@@ -320,7 +321,11 @@ def measure_recipe(
         # The planner's own tensor list: (output WeightInfo, merge task) pairs.
         planned = planner._tensors
         tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
-        executor = Executor(tasks, math_device=options.device or "cpu", storage_device="cpu")
+        if options.multi_gpu:
+            # Each tensor's norms are computed on the GPU that holds it.
+            executor = MultiGPUExecutor(tasks, storage_device="cpu")
+        else:
+            executor = Executor(tasks, math_device=options.device or "cpu", storage_device="cpu")
         results: Dict[Task, Optional[Weighting]] = {}
         try:
             for task, value in executor.run(quiet=options.quiet, desc="NAN coefficients"):
