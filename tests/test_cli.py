@@ -170,7 +170,8 @@ def test_layer_summary_is_the_mean_per_layer(family, nan_inspected):
     root, _, _ = nan_inspected
     result = invoke("inspect", root / "nan.yml", "-q")
     assert result.exit_code == 0
-    lines = {line.split("  ")[0].strip(): line for line in result.stdout.splitlines()}
+    table = result.stdout.split("\n\n")[0]  # the premise block follows the table
+    lines = {line.split("  ")[0].strip(): line for line in table.splitlines()}
     for layer in range(LAYERS):
         names = [n for n in tensors_of(family[0]) if layer_of(n) == layer]
         means = [sum(expected_nan(family, n)[0][i] for n in names) / len(names) for i in range(3)]
@@ -518,6 +519,18 @@ def test_demo_runs_offline_with_the_installed_command(tmp_path):
     assert list((out / "merged").glob("*.safetensors"))
     recipe = yaml.safe_load((out / "nan.yml").read_text())
     assert recipe["merge_method"] == "nan"
+    # the tiny models carry a tokenizer, which the merge copies
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / "merged" / name).read_bytes() == (out / "models" / "base" / name).read_bytes()
+    # the command the demo suggests next, and the stock mergekit-yaml on its models
+    suggested = result.stdout.split("Next: ")[1].split()
+    assert suggested[:2] == ["mergekit-nan", "inspect"]
+    following = run_command(*suggested, cwd=tmp_path)
+    assert following.returncode == 0, following.stderr
+    stock = run_command("mergekit-yaml", str(out / "nan.yml"), str(tmp_path / "stock"))
+    assert stock.returncode == 0 and "Traceback" not in stock.stderr
+    assert "Failed to copy tokenizer" not in stock.stderr
+    assert (tmp_path / "stock" / "tokenizer.json").exists()
     # The printed self-check is an independent float64 reconstruction of the merge.
     error = float(result.stdout.split("sum alpha_i delta_i)| = ")[1].split()[0])
     assert error < 1e-6

@@ -139,7 +139,7 @@ def run_demo(
         recipe_path.write_text(text, encoding="utf-8")
         merged = root / "merged"
         echo("Merging with mergekit (merge_method: nan) ...")
-        options = MergeOptions(copy_tokenizer=False, quiet=True)
+        options = MergeOptions(quiet=True)
         run_merge(MergeConfiguration.model_validate(recipe), str(merged), options, text)
         inspection = inspect_recipe(MergeConfiguration.model_validate(recipe), options=options)
         shown = tuple(t for t in inspection.tensors if t.name in _SHOWN)

@@ -2,7 +2,9 @@
 
 A family is one random base model plus fine-tunes that add seeded Gaussian
 task vectors of chosen sizes to every parameter (norm layers included, so no
-task vector is zero). Everything is built locally; nothing is downloaded.
+task vector is zero). Every checkpoint carries a small word-level tokenizer
+(built with the ``tokenizers`` library), so merges copy a tokenizer as they
+would for a real model. Everything is built locally; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-__all__ = ["TINY_LLAMA", "tiny_llama_config", "write_family", "write_model"]
+__all__ = ["TINY_LLAMA", "tiny_llama_config", "tiny_tokenizer", "write_family", "write_model"]
 
 TINY_LLAMA: Dict[str, int] = dict(
     vocab_size=128,
@@ -32,6 +34,20 @@ def tiny_llama_config(**overrides: int):
     return LlamaConfig(**{**TINY_LLAMA, **overrides, "tie_word_embeddings": False})
 
 
+def tiny_tokenizer(vocab_size: int = TINY_LLAMA["vocab_size"]):
+    """A word-level fast tokenizer of ``vocab_size`` tokens: ``<unk>``, ``<s>``, ``</s>``, ``w3``..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>"] + [f"w{i}" for i in range(3, vocab_size)]
+    model = models.WordLevel({word: i for i, word in enumerate(words)}, unk_token="<unk>")
+    tokenizer = Tokenizer(model)
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 def write_model(
     path: Path,
     state: Dict[str, torch.Tensor],
@@ -40,7 +56,7 @@ def write_model(
     dtype: torch.dtype = torch.float32,
     max_shard_size: Optional[str] = None,
 ) -> Path:
-    """Save ``state`` as a Hugging Face Llama checkpoint (safetensors) at ``path``."""
+    """Save ``state`` as a Hugging Face Llama checkpoint (safetensors) with a tokenizer."""
     from transformers import LlamaForCausalLM
 
     config = config or tiny_llama_config()
@@ -50,6 +66,7 @@ def write_model(
     path.mkdir(parents=True, exist_ok=True)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, safe_serialization=True, **kwargs)
+    tiny_tokenizer(config.vocab_size).save_pretrained(path)
     return path
 
 
