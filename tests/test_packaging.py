@@ -1,20 +1,19 @@
-"""The built wheel in a fresh virtual environment: the stock mergekit-yaml finds ``nan``.
+"""The package as a user installs it: README command 1 in a fresh virtual environment.
 
-Slow (it installs the wheel and its dependencies from the package index into a
-new environment); CI runs it.
+Slow (it installs torch, the package and its dependencies from the package index
+into a new environment); CI runs it. The wheel's contents are checked on their own.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-import venv
 import zipfile
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,7 +21,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run(*args, **kwargs) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
-    env.pop("PYTHONPATH", None)
+    for name in ("PYTHONPATH", "VIRTUAL_ENV"):
+        env.pop(name, None)
     result = subprocess.run(
         [str(a) for a in args], capture_output=True, text=True, env=env, **kwargs
     )
@@ -38,15 +38,34 @@ def wheel(tmp_path_factory) -> Path:
     return built
 
 
+def readme_setup() -> str:
+    """README command 1: set up a fresh environment and run the demo."""
+    text = (REPO / "README.md").read_text()
+    return next(line for line in text.splitlines() if line.startswith("python3 -m venv"))
+
+
+README_SETUP = readme_setup()
+_NOT_COPIED = {".venv", ".git", "__pycache__", ".cache", "build", "dist", ".hypothesis"}
+
+
 @pytest.fixture(scope="module")
-def fresh_env(wheel, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("venv") / "env"
-    venv.EnvBuilder(with_pip=True, clear=True).create(root)
-    python = root / "bin" / "python"
-    # the torch build of the running interpreter, so no other build is downloaded
-    run(python, "-m", "pip", "install", "-q", f"torch=={torch.__version__.split('+')[0]}")
-    run(python, "-m", "pip", "install", "-q", wheel)
-    return root
+def fresh_env(tmp_path_factory) -> Path:
+    """README command 1, run as written in a copy of the repository: the demo must run.
+
+    The copy holds the repository's files, not its virtual environment or caches; pip
+    installs torch and the package's dependencies from the package index.
+    """
+    clone = tmp_path_factory.mktemp("clone") / "mergekit-nan"
+    shutil.copytree(
+        REPO,
+        clone,
+        ignore=lambda _, names: [
+            n for n in names if n in _NOT_COPIED or n.endswith((".egg-info", "_cache"))
+        ],
+    )
+    result = run("bash", "-c", README_SETUP, cwd=clone)
+    assert "Check: max |merged - (base + lambda * sum alpha_i delta_i)|" in result.stdout
+    return clone / ".venv"
 
 
 def test_wheel_places_the_start_up_hook_at_its_root(wheel):
