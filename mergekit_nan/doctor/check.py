@@ -19,7 +19,8 @@ and ``output-not-empty``.
 
 With ``downloads=True`` (the stock-command guard), a Hugging Face model that
 is not in the local cache is not an error: mergekit downloads it. Such a
-recipe is then not planned from headers.
+recipe is then not planned from headers. With ``plan=False`` (the guard,
+which checks mergekit's own plan when it is made) nothing is planned here.
 
 A multi-document recipe (``mergekit-multi``) is checked document by
 document; ``where`` then starts with the stage's ``name`` (``final`` for the
@@ -62,6 +63,8 @@ class CheckReport:
     recipe: str
     findings: Tuple[Finding, ...]
     estimates: Tuple[Estimate, ...]
+    models: Tuple[ModelFacts, ...] = ()
+    """The models as found on disk, every stage's (those that were looked for)."""
 
     @property
     def errors(self) -> Tuple[Finding, ...]:
@@ -136,6 +139,8 @@ def _check_document(
     out_path: Optional[str],
     options: MergeOptions,
     downloads: bool,
+    plan: bool,
+    found_models: List[ModelFacts],
 ) -> Tuple[List[Finding], Optional[Estimate]]:
     from mergekit.config import MergeConfiguration
 
@@ -151,6 +156,7 @@ def _check_document(
     except Exception as error:
         return findings + [_invalid(readable_error(error))], None
     models = collect_models(data, cache_dir=options.transformers_cache, produced=produced)
+    found_models.extend(models)
     fetched = _downloadable(models) if downloads else []
     if fetched:
         # mergekit downloads them; without their headers the recipe cannot be planned here.
@@ -159,7 +165,7 @@ def _check_document(
     tokenizer_set = config.tokenizer_source is not None or config.tokenizer is not None
     findings.extend(model_findings(models, tokenizer_set=tokenizer_set, recipe_dtype=config.dtype))
     planned = None
-    if not fetched:
+    if plan and not fetched:
         explained = any(finding.level == "error" for finding in findings)
         plan_notes, planned = plan_findings(
             config, models, produced, options, tokenizer_set, explained
@@ -203,6 +209,7 @@ def check_recipe(
     options: Optional[MergeOptions] = None,
     downloads: bool = False,
     stage_outputs: Sequence[Tuple[str, str]] = (),
+    plan: bool = True,
 ) -> CheckReport:
     """Check a recipe file (one or several YAML documents) or mapping without reading tensors.
 
@@ -210,7 +217,7 @@ def check_recipe(
     multi-document recipe); ``stage_outputs`` the other stages' output
     directories, as ``(stage, directory)``, when known; ``options`` are
     mergekit's (``transformers_cache``, ``trust_remote_code`` matter here);
-    ``downloads``: see the module docstring. Raises ``FileNotFoundError``
+    ``downloads`` and ``plan``: see the module docstring. Raises ``FileNotFoundError``
     for a missing file; every problem of the recipe itself becomes a finding.
     """
     options = options or MergeOptions()
@@ -234,6 +241,7 @@ def check_recipe(
             )
         )
     estimates: List[Estimate] = []
+    models: List[ModelFacts] = []
     for document in documents:
         data = dict(document)
         stage = None
@@ -248,8 +256,10 @@ def check_recipe(
             out_path=out_path if final else None,
             options=options,
             downloads=downloads,
+            plan=plan,
+            found_models=models,
         )
         findings.extend(_in_stage(f, stage) for f in found)
         if estimate is not None:
             estimates.append(estimate)
-    return CheckReport(label, _unique(findings), tuple(estimates))
+    return CheckReport(label, _unique(findings), tuple(estimates), tuple(models))

@@ -7,12 +7,15 @@ uses ``nan`` or a ``<method>+nan`` method or contains a ``nan_*`` key,
 load) makes mergekit run the checks of ``mergekit-nan check`` first:
 
 * ``mergekit.merge.run_merge`` (behind ``mergekit-yaml``, each stage of
-  ``mergekit-multi`` and the Python API): the whole check, against the
-  output path too, before mergekit reads a model or creates the output
-  directory: the recipe's parameters, missing or incomplete models, malformed
-  headers, shape mismatches, ``output-overwrites-input``. If the merge then
-  fails into an output directory that did not exist before, that directory
-  is removed, so no half-written model is left behind;
+  ``mergekit-multi`` and the Python API): the check, against the output path
+  too, before mergekit reads a model: the recipe's parameters, missing or
+  incomplete models, malformed headers, ``output-overwrites-input``; then,
+  as soon as mergekit has planned the merge and before it creates the output
+  directory, the per-tensor values it resolved and the shapes of every
+  output tensor's inputs (read from the headers already found), so the
+  recipe is planned once. If the merge then fails into an output directory
+  that did not exist before, that directory is removed, so no half-written
+  model is left behind;
 * the ``mergekit-yaml`` and ``mergekit-multi`` command lines: a recipe file
   that is not valid YAML or not a mergekit recipe; for ``mergekit-multi``,
   every stage and every output directory at once, before the first stage
@@ -49,6 +52,7 @@ import re
 import shutil
 import sys
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 from mergekit_nan.doctor.findings import Finding
@@ -62,6 +66,7 @@ _SUSPENDED: ContextVar[bool] = ContextVar("mergekit_nan_guard_suspended", defaul
 _REPORTED: ContextVar[Optional[Set[Tuple[str, str, Optional[str]]]]] = ContextVar(
     "mergekit_nan_guard_reported", default=None
 )
+_MERGE: ContextVar[Optional[_Merge]] = ContextVar("mergekit_nan_guard_merge", default=None)
 
 STOCK_ONLY_ERRORS = ("granularity-needs-merge",)
 """Finding codes that are fine for ``mergekit-nan merge`` but errors in the stock commands."""
@@ -163,9 +168,47 @@ def _finish(guard: _Guard, planner: Any) -> None:
     guard.report(findings)
 
 
+def _planned(merge: _Merge, planner: Any) -> None:
+    """The per-tensor values and input shapes of the plan of a checked ``run_merge``."""
+    try:
+        from mergekit_nan.doctor.model_checks import shape_findings
+        from mergekit_nan.doctor.plan_checks import planned_tensors
+        from mergekit_nan.doctor.recipe_checks import planned_findings
+
+        findings = planned_findings(planner)
+        by_reference = {model.reference: model for model in merge.models}
+        findings += shape_findings(
+            planned_tensors(planner), by_reference, tokenizer_set=merge.tokenizer_set
+        )
+    except Exception as error:
+        LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
+        return
+    merge.guard.report(findings)
+
+
+def _unplannable(error: Exception) -> RecipeError:
+    """mergekit's planner refused a NAN recipe for a reason the checks did not foresee."""
+    from mergekit_nan.doctor.plan_checks import readable_error
+
+    finding = Finding(
+        "error", "plan-failed", "", f"mergekit cannot plan this merge: {readable_error(error)}"
+    )
+    return _refusal([finding])
+
+
 def _guarded_plan(original: Callable) -> Callable:
     @functools.wraps(original)
     def _plan(self, *args, **kwargs):
+        merge = _MERGE.get()
+        if merge is not None and not getattr(self, "_mergekit_nan_unguarded", False):
+            try:
+                result = original(self, *args, **kwargs)
+            except Exception as error:
+                if not merge.guard.enforce or isinstance(error, RecipeError):
+                    raise
+                raise _unplannable(error) from error
+            _planned(merge, self)
+            return result
         guard = _start(self)
         result = original(self, *args, **kwargs)
         if guard is not None:
@@ -178,8 +221,17 @@ def _guarded_plan(original: Callable) -> Callable:
 # -- run_merge ----------------------------------------------------------------------------
 
 
-def _check_merge(config: Any, out_path: str, options: Any) -> Optional[bool]:
-    """Run the whole check before ``run_merge``; None: no NAN, else whether it was planned."""
+@dataclass
+class _Merge:
+    """A ``run_merge`` the guard has checked: its guard and the models it found."""
+
+    guard: _Guard
+    models: Tuple[Any, ...]
+    tokenizer_set: bool
+
+
+def _check_merge(config: Any, out_path: str, options: Any) -> Optional[_Merge]:
+    """Check a NAN recipe before ``run_merge`` (None: nothing to check)."""
     if _SUSPENDED.get():
         return None
     try:
@@ -189,31 +241,34 @@ def _check_merge(config: Any, out_path: str, options: Any) -> Optional[bool]:
         data = config.model_dump(mode="json", exclude_none=True)
         if not involves_nan(data):
             return None
-        report = check_recipe(data, out_path=str(out_path), options=options, downloads=True)
-        guard = _Guard(enforce=_enforced(data))
+        report = check_recipe(
+            data, out_path=str(out_path), options=options, downloads=True, plan=False
+        )
+        tokenizer_set = config.tokenizer_source is not None or config.tokenizer is not None
+        merge = _Merge(_Guard(enforce=_enforced(data)), report.models, tokenizer_set)
     except Exception as error:
         LOG.debug("mergekit-nan guard skipped: %r", error)
         return None
-    guard.report(report.findings)
-    return report.estimate is not None and report.estimate.output_tensors is not None
+    merge.guard.report(report.findings)
+    return merge
 
 
 def _guarded_run_merge(original: Callable) -> Callable:
     @functools.wraps(original)
     def run_merge(merge_config, out_path, options, *args, **kwargs):
         with _reporting_once():
-            planned = _check_merge(merge_config, out_path, options)
-            if planned is None:
+            merge = _check_merge(merge_config, out_path, options)
+            if merge is None:
                 return original(merge_config, out_path, options, *args, **kwargs)
             existed = os.path.lexists(out_path)
+            token = _MERGE.set(merge)  # mergekit's own plan is checked as it is made
             try:
-                # The per-tensor values were checked with the plan; the planner's guard
-                # is needed only where models still had to be downloaded.
-                with suspended() if planned else contextlib.nullcontext():
-                    return original(merge_config, out_path, options, *args, **kwargs)
+                return original(merge_config, out_path, options, *args, **kwargs)
             except BaseException as error:
                 _remove_unfinished(out_path, existed, error)
                 raise
+            finally:
+                _MERGE.reset(token)
 
     return run_merge
 

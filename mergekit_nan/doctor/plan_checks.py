@@ -21,7 +21,7 @@ from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.doctor.model_checks import shape_findings
 from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor
 
-__all__ = ["plan_findings", "readable_error"]
+__all__ = ["plan_findings", "planned_tensors", "readable_error"]
 
 
 def readable_error(error: BaseException) -> str:
@@ -126,7 +126,7 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
         return plan_recipe(config, options)
 
 
-def _planned_tensors(planner) -> List[PlannedTensor]:
+def planned_tensors(planner) -> List[PlannedTensor]:
     from mergekit.io.tasks import GatherTensors
 
     tensors = []
@@ -214,7 +214,7 @@ def plan_findings(
             return [], None
         message = f"mergekit cannot plan this merge: {readable_error(error)}"
         return [Finding("error", "plan-failed", "", message)], None
-    planned = _planned_tensors(planner)
+    planned = planned_tensors(planner)
     by_reference = {m.reference: m for m in models}
     findings = planned_findings(planner)
     findings.extend(shape_findings(planned, by_reference, tokenizer_set=tokenizer_set))
