@@ -33,13 +33,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import threading
-import time
 from dataclasses import asdict, dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -51,8 +48,10 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead_kernels import DENSITY, RANDOM_SEED, measure_norm_pass, probe_peak  # noqa: E402
+from overhead_load import busy_processes, load_average  # noqa: E402
 from overhead_models import FAMILIES, build_family, family_root  # noqa: E402
 from overhead_report import Measurement, machine, report, size_table  # noqa: E402
+from overhead_runs import run_merge, warm_page_cache  # noqa: E402
 
 DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
 COMMON_FLAGS = ("--no-copy-tokenizer", "--no-write-model-card")
@@ -165,73 +164,6 @@ def command_for(variant: Variant, config: Path, out: Path, extra: Sequence[str])
     return [script, str(config), str(out), *COMMON_FLAGS, *extra]
 
 
-class _RssSampler(threading.Thread):
-    """Polls ``/proc/PID/status`` of a child: peak anonymous and file-backed resident bytes.
-
-    ``ru_maxrss`` counts both; the split shows how much of a peak is clean,
-    reclaimable file pages (memory-mapped safetensors) rather than memory the
-    merge allocated. Sampled, so a peak shorter than the interval can be missed.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.status = Path(f"/proc/{pid}/status")
-        self.interval = interval
-        self.peaks = {"RssAnon": 0, "RssFile": 0}
-        self.finished = threading.Event()
-
-    def run(self) -> None:
-        while not self.finished.is_set():
-            try:
-                text = self.status.read_text()
-            except OSError:
-                return
-            for line in text.splitlines():
-                key, _, value = line.partition(":")
-                if key in self.peaks:
-                    self.peaks[key] = max(self.peaks[key], int(value.split()[0]) * 1024)
-            self.finished.wait(self.interval)
-
-
-def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int, int, int]:
-    """Run one merge as a child; return wall seconds and peak RSS, anonymous and file bytes.
-
-    The peak RSS is the child's ``ru_maxrss``; the split is sampled. Deletes the output.
-    """
-    if out.exists():
-        shutil.rmtree(out)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    log = out.parent / f"{out.name}.log"
-    with open(log, "w") as stream:
-        started = time.perf_counter()
-        child = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT, env=env)
-        sampler = _RssSampler(child.pid)
-        sampler.start()
-        _, status, usage = os.wait4(child.pid, 0)
-        wall = time.perf_counter() - started
-        sampler.finished.set()
-        sampler.join()
-    code = os.waitstatus_to_exitcode(status)
-    if code != 0:
-        raise RuntimeError(
-            f"{' '.join(command[:2])} failed ({code}); see the log:\n" + log.read_text()[-3000:]
-        )
-    shutil.rmtree(out)
-    return wall, usage.ru_maxrss * 1024, sampler.peaks["RssAnon"], sampler.peaks["RssFile"]
-
-
-def warm_page_cache(paths: Sequence[Path]) -> None:
-    """Read every checkpoint file once so no merge pays for the first disk read.
-
-    Inputs larger than the page cache are still partly read from disk by every merge.
-    """
-    for path in paths:
-        for file in sorted(path.glob("*.safetensors")):
-            with open(file, "rb") as stream:
-                while stream.read(1 << 24):
-                    pass
-
-
 def measure_merges(
     paths: Sequence[Path],
     work: Path,
@@ -323,6 +255,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument(
         "--size-table", type=Path, nargs="+", default=None, help="print RSS vs size from JSONs"
     )
+    parser.add_argument(
+        "--busy", type=int, default=0, help="busy background processes during the merges"
+    )
     parser.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.size_table:
@@ -346,12 +281,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pairs = [pair for pair in pairs if pair[0].command != "merge-model"]
     labels = [(a.name, b.name) for a, b in pairs]
     done = _resumed(args.json, args.size) if args.resume else []
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
 
     def save(results: Sequence[Measurement], **rest: object) -> None:
         if args.json is not None:
             shard = args.out_shard_size or "5B (default)"
-            payload = _payload(args.size, labels, results, load, out_shard_size=shard, **rest)
+            payload = _payload(
+                args.size, labels, results, load, out_shard_size=shard, busy=args.busy, **rest
+            )
             args.json.write_text(json.dumps(payload, indent=1))
 
     paths = build_family(args.cache, args.size)
@@ -362,11 +299,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out_shard_size is not None:
             extra += ["--out-shard-size", args.out_shard_size]
         rounds = range(args.first_round, args.first_round + args.rounds)
-        results = (
-            list(done)
-            if args.skip_merges
-            else measure_merges(paths, work, rounds, pairs, extra, done, save)
-        )
+        with busy_processes(0 if args.skip_merges else args.busy):
+            results = (
+                list(done)
+                if args.skip_merges
+                else measure_merges(paths, work, rounds, pairs, extra, done, save)
+            )
+            load_during = load_average()
         probes = (
             measure_probes(args.probe_repeats, args.cache, args.size, pairs)
             if args.probe_repeats
@@ -380,6 +319,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     save(results, norm_pass=norms, largest_tensor_peak_growth=probes)
     family = FAMILIES[args.size]
     notes.append(f"load average at the start: {load}")
+    if args.busy:
+        notes.append(
+            f"{args.busy} busy background processes (a deterministic integer loop) during "
+            f"the merges; load average at their end: {load_during}"
+        )
     if args.out_shard_size is not None:
         notes.append(f"--out-shard-size {args.out_shard_size} on both sides")
     print(

@@ -44,6 +44,29 @@ __all__ = [
 ]
 
 
+_SCALAR_MODELS = 64
+"""Up to this many models, one row of coefficients is computed with Python floats."""
+
+
+def _shares(norms: Sequence[float], exponent: float, prior: Optional[Sequence[float]]) -> list:
+    """One row of :func:`coefficients_from_norms` in float64 Python arithmetic."""
+    weights = [1.0] * len(norms) if prior is None else [float(w) for w in prior]
+    logits = [
+        -exponent * math.log(norm) if norm > 0 and weight > 0 else -math.inf
+        for norm, weight in zip(norms, weights)
+    ]
+    informative = any(logit > -math.inf for logit in logits)
+    if informative:
+        shift = max(logits)
+        scores = [w * math.exp(logit - shift) for w, logit in zip(weights, logits)]
+    else:
+        scores = list(weights)
+    total = math.fsum(scores)
+    if not (total > 0 and all(weight >= 0 for weight in weights)):
+        raise ValueError("NAN priors (weight) must be non-negative and not all zero")
+    return [score / total for score in scores]
+
+
 def coefficients_from_norms(
     norms: torch.Tensor,
     *,
@@ -62,6 +85,12 @@ def coefficients_from_norms(
     if not math.isfinite(exponent):
         raise ValueError(f"nan_exponent must be finite, got {exponent}")
     result_dtype = accumulation_dtype(norms.dtype)
+    if norms.dim() == 1 and norms.device.type == "cpu" and norms.numel() <= _SCALAR_MODELS:
+        # One tensor's handful of models (the merge's case): plain float64 arithmetic,
+        # the same steps as below without a dozen small kernel launches.
+        weights = None if prior is None else torch.broadcast_to(prior, norms.shape).tolist()
+        shares = _shares(norms.tolist(), exponent, weights)
+        return torch.tensor(shares, dtype=torch.float64).to(result_dtype)
     # A handful of numbers: float64 keeps the log-space round trip exact to
     # float32 output precision (except on backends without float64).
     dtype = torch.float32 if norms.device.type == "mps" else torch.float64

@@ -11,6 +11,7 @@ import importlib
 import io
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -19,8 +20,25 @@ from typing import Dict, List, Sequence, Tuple
 import pytest
 import torch
 from stock import command
+from test_docs import REPO, blocks, commands
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+DOCUMENTED = [
+    command
+    for block in blocks(REPO / "docs" / "benchmarks.md")
+    if block.language == "bash"
+    for command in commands(block)
+    if command.startswith("python benchmarks/")
+]
+"""The benchmark command lines of the docs; the tests below run them as written."""
+
+
+def documented_arguments(script: str) -> List[str]:
+    """The arguments of the documented command line of ``script``."""
+    (line,) = [c for c in DOCUMENTED if c.split()[1] == f"benchmarks/{script}"]
+    return shlex.split(line)[2:]
+
+
 PAIRS = (
     "nan vs linear",
     "nan (no base) vs linear (no base)",
@@ -72,21 +90,8 @@ def _merge_command_present() -> bool:
 def test_overhead_tiny(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     cache = tmp_path / "cache"
-    stdout = _run(
-        "overhead.py",
-        "--size",
-        "tiny",
-        "--rounds",
-        "1",
-        "--norm-repeats",
-        "1",
-        "--probe-repeats",
-        "1",
-        "--cache",
-        str(cache),
-        "--json",
-        str(out),
-    )
+    arguments = documented_arguments("overhead.py")
+    stdout = _run("overhead.py", *arguments, "--cache", str(cache), "--json", str(out))
     pairs = list(PAIRS)
     if _merge_command_present():
         pairs.append(MERGE_MODEL_PAIR)
@@ -219,7 +224,7 @@ def test_quality_tiny(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     pytest.importorskip("scipy")
     out = tmp_path / "quality.json"
-    stdout = _run("quality.py", "--size", "tiny", "--json", str(out))
+    stdout = _run("quality.py", *documented_arguments("quality.py"), "--json", str(out))
     for heading in ("multi-task, protocol steps", "same-task, protocol epochs"):
         assert f"### {heading}" in stdout
     for row in (

@@ -193,3 +193,15 @@ def test_long_tensors_keep_float32_norms_accurate():
     expected = (tuned[0].double() - base.double()).norm()
     assert max_rel(frobenius_norms(tuned, base), expected.reshape(1)) < 1e-6
     assert max_rel(frobenius_norms(tuned), tuned[0].double().norm().reshape(1)) < 1e-6
+
+
+@pytest.mark.parametrize("exponent", [0.0, 1.0, 2.0, -1.0])
+def test_one_row_in_python_floats_equals_the_batched_tensor_path(exponent):
+    generator = torch.Generator().manual_seed(11)
+    for count in (1, 2, 5):
+        norms = torch.rand(count, generator=generator, dtype=torch.float64) * 10
+        norms[0] = 0.0 if count > 2 else norms[0]
+        prior = torch.rand(count, generator=generator, dtype=torch.float64) + 0.1
+        one = coefficients_from_norms(norms, exponent=exponent, prior=prior)
+        batched = coefficients_from_norms(norms[None], exponent=exponent, prior=prior[None])[0]
+        assert torch.allclose(one, batched, rtol=1e-14, atol=0)

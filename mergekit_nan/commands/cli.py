@@ -233,7 +233,7 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     "--out-path",
     type=click.Path(file_okay=False),
     default=None,
-    help="Where the merge will write: check the free disk space there",
+    help="Where the merge will write: check it is no input, is empty and has room",
 )
 @click.option("--transformers-cache", default=None, help="Hugging Face cache directory")
 @click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)")

@@ -165,20 +165,6 @@ def _known_method(name: str) -> bool:
     return True
 
 
-def _known_method(name: str) -> bool:
-    """Whether mergekit knows the method (``recipe_findings`` reports an unknown one)."""
-    from mergekit import merge_methods
-
-    from mergekit_nan.registration import register_methods
-
-    register_methods()
-    try:
-        merge_methods.get(name)
-    except Exception:
-        return False
-    return True
-
-
 def plan_findings(
     config,
     models: Sequence[ModelFacts],
