@@ -40,7 +40,7 @@ def test_a_large_tensor_is_a_handful_of_kernels_on_cuda():
 def test_on_the_cpu_windows_are_cache_sized_and_threads_pay_only_for_large_tensors():
     large = plan_norm_pass("cpu", LARGEST, threads=8)
     assert large.chunk == CPU_CHUNK_ELEMENTS and large.workers == 8
-    assert CPU_CHUNK_ELEMENTS * 4 <= 2**20  # one float32 window fits in a MiB
+    assert CPU_CHUNK_ELEMENTS * 4 <= 4 * 2**20  # one float32 window fits in the cache
     small = plan_norm_pass("cpu", PARALLEL_MIN_ELEMENTS - 1, threads=8)
     assert small.workers == 1
     assert plan_norm_pass("cpu", 5 * CPU_CHUNK_ELEMENTS, threads=8).workers == 5

@@ -142,11 +142,13 @@ def _start(planner: Any) -> Optional[_Guard]:
     if _SUSPENDED.get() or getattr(planner, "_mergekit_nan_unguarded", False):
         return None
     try:
-        from mergekit_nan.doctor.recipe_checks import involves_nan, recipe_findings
+        from mergekit_nan.doctor.recipe_walk import involves_nan
 
         data = planner.config.model_dump(mode="json", exclude_none=True)
         if not involves_nan(data):
             return None
+        from mergekit_nan.doctor.recipe_checks import recipe_findings
+
         findings = recipe_findings(data)
         guard = _Guard(enforce=_enforced(data))
     except Exception as error:  # mergekit moved on: say nothing rather than break it
@@ -235,12 +237,13 @@ def _check_merge(config: Any, out_path: str, options: Any) -> Optional[_Merge]:
     if _SUSPENDED.get():
         return None
     try:
-        from mergekit_nan.doctor.check import check_recipe
-        from mergekit_nan.doctor.recipe_checks import involves_nan
+        from mergekit_nan.doctor.recipe_walk import involves_nan
 
         data = config.model_dump(mode="json", exclude_none=True)
         if not involves_nan(data):
             return None
+        from mergekit_nan.doctor.check import check_recipe
+
         report = check_recipe(
             data, out_path=str(out_path), options=options, downloads=True, plan=False
         )

@@ -56,12 +56,12 @@ from mergekit_nan.doctor.recipe_walk import (
     Group,
     Scope,
     groups,
+    involves_nan,
     resolve_plain,
     scalars,
     scopes,
     varying_parameters,
 )
-from mergekit_nan.modifier import COMPOSITE_SUFFIX
 from mergekit_nan.parameters import NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.registration import register_methods
 
@@ -69,16 +69,6 @@ if TYPE_CHECKING:
     from mergekit.plan import MergePlanner
 
 __all__ = ["involves_nan", "planned_findings", "recipe_findings"]
-
-
-def involves_nan(data: Mapping[str, Any]) -> bool:
-    """True when the recipe uses ``nan`` or a ``<method>+nan`` method, or has a ``nan_*`` key."""
-    method = data.get("merge_method")
-    if isinstance(method, str) and (method == "nan" or method.endswith(COMPOSITE_SUFFIX)):
-        return True
-    return any(
-        str(name).startswith(NAN_PREFIX) for scope in scopes(data) for name in scope.parameters
-    )
 
 
 def _method(data: Mapping[str, Any]) -> Optional[MergeMethod]:

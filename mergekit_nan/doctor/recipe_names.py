@@ -14,7 +14,7 @@ from mergekit import merge_methods
 from mergekit.merge_methods.base import MergeMethod
 
 from mergekit_nan.doctor.findings import Finding
-from mergekit_nan.doctor.recipe_walk import Scope
+from mergekit_nan.doctor.recipe_walk import NAN_PREFIX, Scope
 from mergekit_nan.modifier import COMPOSITE_SUFFIX
 from mergekit_nan.parameters import NAN_GRANULARITIES, NAN_GRANULARITY
 from mergekit_nan.registration import (
@@ -33,7 +33,6 @@ __all__ = [
     "unknown_parameter",
 ]
 
-NAN_PREFIX = "nan_"
 _POOLS = {"layer": "the norms of each layer", "model": "the norms of the whole model"}
 
 

@@ -24,13 +24,17 @@ from typing import Any, Iterator, List, Mapping, Optional, Sequence, Set, Tuple
 from mergekit.common import ModelReference
 from typing_extensions import Literal
 
+from mergekit_nan.modifier import COMPOSITE_SUFFIX
+
 __all__ = [
+    "NAN_PREFIX",
     "Group",
     "Member",
     "Scalar",
     "Scope",
     "ScopeKind",
     "groups",
+    "involves_nan",
     "is_plain",
     "model_name",
     "resolve_plain",
@@ -38,6 +42,9 @@ __all__ = [
     "scopes",
     "varying_parameters",
 ]
+
+NAN_PREFIX = "nan_"
+"""Every parameter the plugin adds starts with this."""
 
 ScopeKind = Literal["global", "module", "slice", "model"]
 """``model`` is a per-model scope: an entry of ``models`` or a slice source."""
@@ -134,6 +141,20 @@ def scopes(data: Mapping[str, Any]) -> Iterator[Scope]:
         yield Scope(f"{prefix}.parameters", "module", _parameters(module))
         yield from _model_scopes(f"{prefix}.models", _items(module, "models"))
         yield from _slice_scopes(f"{prefix}.", _items(module, "slices"))
+
+
+def involves_nan(data: Mapping[str, Any]) -> bool:
+    """True when the recipe uses ``nan`` or a ``<method>+nan`` method, or has a ``nan_*`` key.
+
+    Cheap, and imports nothing beyond this module: the stock-command guard asks
+    it of every recipe, and recipes without NAN must not pay for the checks.
+    """
+    method = data.get("merge_method")
+    if isinstance(method, str) and (method == "nan" or method.endswith(COMPOSITE_SUFFIX)):
+        return True
+    return any(
+        str(name).startswith(NAN_PREFIX) for scope in scopes(data) for name in scope.parameters
+    )
 
 
 def is_plain(setting: Any) -> bool:
