@@ -16,7 +16,8 @@ float32 (float64 for float64 inputs) on the inputs' device.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Optional
+import threading
+from typing import Any, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mergekit.merge_methods.base import (
@@ -36,9 +37,55 @@ from mergekit_nan.measure import MeasurableMethod, record
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
 
-__all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method"]
+__all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method", "weighted_sum"]
 
 NAN_PAPER_URL = "https://arxiv.org/abs/2505.16148"
+
+SUM_WINDOW_ELEMENTS = 1 << 18
+"""Elements converted at once by :func:`weighted_sum` on the CPU (a 1 MiB float32 buffer)."""
+
+_WINDOWS = threading.local()
+
+
+def _window() -> torch.Tensor:
+    """This thread's float32 conversion buffer, allocated once and kept (no allocator churn)."""
+    window = getattr(_WINDOWS, "buffer", None)
+    if window is None:
+        window = _WINDOWS.buffer = torch.empty(SUM_WINDOW_ELEMENTS, dtype=torch.float32)
+    return window
+
+
+def weighted_sum(result: torch.Tensor, terms: Sequence[Tuple[torch.Tensor, float]]) -> None:
+    """Write ``sum_k c_k * t_k`` over ``terms`` into ``result``, term by term in that order.
+
+    The floats are those of ``result.zero_()`` followed by ``result.add_(t_k, alpha=c_k)``
+    for every term. On the CPU, where a kernel that mixes dtypes first copies the odd
+    operand into a temporary as large as the tensor, half-precision terms are converted
+    a cache-sized window at a time into one kept buffer instead, and the first term is
+    written rather than added to zeros: every input is read once and nothing is allocated.
+    """
+    if not terms:
+        result.zero_()
+        return
+    if result.device.type != "cpu" or result.dtype != torch.float32:
+        result.zero_()
+        for tensor, coefficient in terms:
+            result.add_(tensor, alpha=coefficient)
+        return
+    window = _window()
+    flat = result.view(-1)
+    sources = [(tensor.reshape(-1), coefficient) for tensor, coefficient in terms]
+    for start in range(0, flat.numel(), SUM_WINDOW_ELEMENTS):
+        length = min(SUM_WINDOW_ELEMENTS, flat.numel() - start)
+        target = flat.narrow(0, start, length)
+        for index, (source, coefficient) in enumerate(sources):
+            part = source.narrow(0, start, length)
+            if part.dtype != torch.float32:
+                part = window.narrow(0, 0, length).copy_(part)
+            if index == 0:
+                torch.mul(part, coefficient, out=target)
+            else:
+                target.add_(part, alpha=coefficient)
 
 
 class NanMerge(MeasurableMethod):
@@ -113,14 +160,11 @@ class NanMerge(MeasurableMethod):
             # A zero task vector adds exactly nothing: tensors no fine-tune
             # touched come out bit-identical to the base.
             coefficients = [0.0 if n == 0 else c for n, c in zip(weighting.norms, coefficients)]
-        result.zero_()
+        terms = [(entry.tensor, c) for entry, c in zip(inputs, coefficients) if c != 0]
         if group.base is not None:
-            # theta_b + sum c_i (theta_i - theta_b) = (1 - sum c_i) theta_b + sum c_i theta_i:
-            # one pass per input, no temporaries (as mergekit's linear kernel).
-            result.add_(group.base.tensor, alpha=1.0 - math.fsum(coefficients))
-        for entry, coefficient in zip(inputs, coefficients):
-            if coefficient != 0:
-                result.add_(entry.tensor, alpha=coefficient)
+            # theta_b + sum c_i (theta_i - theta_b) = (1 - sum c_i) theta_b + sum c_i theta_i
+            terms.insert(0, (group.base.tensor, 1.0 - math.fsum(coefficients)))
+        weighted_sum(result, terms)
         merged = result.to(first.dtype)
         if not 0 <= scale <= 1 and not bool(torch.isfinite(merged).all()):
             # Only an extrapolating lambda can leave the inputs' range.

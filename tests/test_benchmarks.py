@@ -362,3 +362,17 @@ def test_grouped_nan_keeps_untouched_tensors_and_rejects_unknown_granularity(
     assert not torch.equal(merged["0.bias"], base["0.bias"])
     with pytest.raises(ValueError, match="granularity must be one of tensor, layer, model"):
         quality_merges.grouped_nan_merge(base, models, "delta", "block")
+
+
+def test_overhead_profile_tiny(tmp_path: Path) -> None:
+    arguments = documented_arguments("overhead_profile.py")
+    stdout = _run("overhead_profile.py", *arguments, "--cache", str(tmp_path / "cache"))
+    header = "| step | nan (no base) | linear (no base) |"
+    assert header in stdout
+    for step in ("wall", "cpu", "minor faults", "guard", "load", "merge", "norm pass", "save"):
+        row = next(line for line in stdout.splitlines() if line.startswith(f"| {step} |"))
+        values = [float(cell.replace(",", "")) for cell in row.split("|")[2:-1]]
+        assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values), row
+    norm_row = next(line for line in stdout.splitlines() if line.startswith("| norm pass |"))
+    assert float(norm_row.split("|")[2]) > 0 and float(norm_row.split("|")[3]) == 0
+    assert "top 12 functions by own time" in stdout

@@ -326,3 +326,24 @@ def test_mergekit_multi_knows_nan(family, tmp_path):
         check=True,
     )
     check_model_dir(out / "merged", tuned, base)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_weighted_sum_is_the_floats_of_adding_each_term(dtype):
+    """The windowed sum writes the floats of zero_() + add_(t, alpha=c), term by term."""
+    from mergekit_nan.method import SUM_WINDOW_ELEMENTS, weighted_sum
+
+    generator = torch.Generator().manual_seed(3)
+    shape = (SUM_WINDOW_ELEMENTS // 500 + 7, 500)  # more than one window, a partial last one
+    terms = [
+        (torch.randn(shape, generator=generator).to(dtype), coefficient)
+        for coefficient in (0.37, -1.25, 2.0e-3, 1.0)
+    ]
+    expected = torch.zeros(shape)
+    for tensor, coefficient in terms:
+        expected.add_(tensor, alpha=coefficient)
+    result = torch.empty(shape)
+    weighted_sum(result, terms)
+    assert torch.equal(result, expected)
+    weighted_sum(result, [])
+    assert not result.any()

@@ -1,0 +1,116 @@
+"""Smoke test of the language-model quality benchmark at its tiny size.
+
+Runs ``benchmarks/quality_lm.py --size tiny`` (the line of ``docs/benchmarks.md``) in this process (imported via
+``sys.path`` like the other benchmark tests) and checks the pipeline: every
+experiment, regime and merge method reported with finite losses, every expert
+evaluated, the JSON written, the checkpoints deleted. It asserts nothing about
+which merge is better.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+from types import ModuleType
+from typing import Iterator
+
+import pytest
+from test_benchmarks import documented_arguments
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+EXPERIMENTS = ("three-domain", "one-domain")
+REGIMES = ("epochs", "steps")
+DOMAINS = ("c-headers", "licences", "package-docs")
+
+
+@pytest.fixture
+def quality_lm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    # The benchmark sets process-wide state; give it back to the other tests.
+    threads = torch.get_num_threads()
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    yield importlib.import_module("quality_lm")
+    torch.set_num_threads(threads)
+    transformers_logging.set_verbosity(verbosity)
+    if bars:
+        transformers_logging.enable_progress_bar()
+
+
+def test_quality_lm_tiny(
+    quality_lm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    merges = importlib.import_module("quality_lm_merges")
+    work, out = tmp_path / "work", tmp_path / "quality_lm.json"
+    arguments = documented_arguments("quality_lm.py")  # the line of docs/benchmarks.md
+    status = quality_lm.main([*arguments, "--out", str(work), "--json", str(out)])
+    stdout, stderr = capsys.readouterr()
+    if status == 2 and "is too small on this machine" in stderr:
+        pytest.skip(stderr.strip().splitlines()[-1])  # e.g. no C headers installed
+    assert status == 0, stderr[-4000:]
+
+    # Markdown: a loss table per experiment and regime, the paired, norm and coefficient tables.
+    for experiment in EXPERIMENTS:
+        for regime in REGIMES:
+            assert f"### {experiment}, regime {regime}" in stdout
+    for heading in ("### Paired by seed", "### Task-vector norm", "### NAN coefficients"):
+        assert heading in stdout
+    assert "cores" in stdout and "wall time" in stdout and "seeds: 1" in stdout
+    assert "every expert beats the base on its own domain" in stdout
+    assert "linear merges (task arithmetic, oracle, nan at every granularity)" in stdout
+    three, one = merges.three_domain_methods(), merges.one_domain_methods()
+    for method in three:
+        assert f"| {method.label} |" in stdout
+        if method.label != merges.UNIFORM:
+            assert f"| {method.label} vs {merges.UNIFORM} |" in stdout
+        if method.reference is not None:
+            assert f"| {method.label} vs {method.reference} |" in stdout
+    for label in ("nan (layer, p=2)", "nan (model, p=1)", "ties+nan", "dare_ties+nan"):
+        assert label in {m.label for m in three}
+    assert {m.merge_method for m in three} >= {"task_arithmetic", "nan", "ties", "ties+nan"}
+
+    # JSON: finite losses for base, experts and every method, in every setting.
+    payload = json.loads(out.read_text())
+    losses = {(r["experiment"], r["regime"], r["model"], r["domain"]): r for r in payload["losses"]}
+    assert all(math.isfinite(v) for r in payload["losses"] for v in r["seeds"].values())
+    for regime in REGIMES:
+        for method in three:
+            for domain in DOMAINS:
+                assert losses[("three-domain", regime, method.label, domain)]["seeds"].keys() == {
+                    "0"
+                }
+        for domain in DOMAINS:
+            assert ("three-domain", regime, f"expert {domain} alone", domain) in losses
+            assert ("three-domain", regime, "base", domain) in losses
+        for method in one:
+            assert ("one-domain", regime, method.label, "package-docs") in losses
+        for label in ("expert 1x alone", "expert 2x alone", "base"):
+            assert ("one-domain", regime, label, "package-docs") in losses
+
+    # Every expert trained, evaluated and described; lambdas from the grid; merges checked.
+    experts = payload["experts"]
+    assert len(experts) == len(REGIMES) * (3 + 2)
+    for expert in experts:
+        for field in ("own_loss", "base_own_loss", "norm", "alpha_model_p1", "alpha_tensor_p1"):
+            assert math.isfinite(expert[field])
+        assert expert["steps"] > 0 and expert["volume"] > 0
+    assert {e["domain"] for e in experts if e["experiment"] == "three-domain"} == set(DOMAINS)
+    grid = set(payload["lambda_grid"])
+    assert all(set(r["seeds"].values()) <= grid for r in payload["chosen_lambdas"])
+    n_merges = len(REGIMES) * len(grid) * (len(three) + len(one))
+    assert payload["merges"] == n_merges
+    assert len(payload["validation"]) == n_merges
+    linear = [m for m in three if m.linear], [m for m in one if m.linear]
+    assert len(payload["checks"]) == len(REGIMES) * len(grid) * (len(linear[0]) + len(linear[1]))
+    assert all(c["deviation"] < 1e-3 for c in payload["checks"])
+    assert payload["corpora"]["licences"]["test_files"] > 0
+
+    # Without --keep, nothing is left behind (the work directory did not exist before).
+    assert not work.exists()
