@@ -193,8 +193,10 @@ def measure_merges(
                     continue
                 out = work / f"out-{_slug(variant.recipe)}-{variant.command}"
                 command = command_for(variant, files[variant.recipe], out, extra)
-                wall, rss, anon, mapped = run_merge(command, out)
-                results.append(Measurement(label, variant.name, number, wall, rss, anon, mapped))
+                wall, rss, anon, mapped, cpu = run_merge(command, out)
+                results.append(
+                    Measurement(label, variant.name, number, wall, rss, anon, mapped, cpu)
+                )
                 save(results)
                 print(
                     f"round {number} {variant.name:>14}: {wall:7.2f} s, {rss / 2**30:6.3f} GiB",

@@ -29,6 +29,8 @@ class Measurement:
     """Sampled peak of anonymous resident memory (0: not sampled)."""
     peak_file: int = 0
     """Sampled peak of file-backed resident memory, e.g. memory-mapped inputs."""
+    cpu_s: float = 0.0
+    """User plus system CPU seconds of the merge's process (0: not measured)."""
 
 
 def machine() -> Dict[str, str]:
@@ -66,24 +68,33 @@ def _median(values: Sequence[float]) -> float:
 
 
 def merge_table(results: Sequence[Measurement], pairs: Sequence[Tuple[str, str]]) -> List[str]:
-    """Markdown: per pair, median wall and peak RSS of each side and the ratios."""
+    """Markdown: per pair, median wall and peak RSS of each side and the ratios.
+
+    ``wall A/B`` is the ratio of the medians; ``paired`` the median over rounds of
+    each round's A/B (a round runs A and B back to back, so drifts of the machine
+    cancel); ``CPU A/B`` the ratio of the median CPU seconds (user + system), which
+    time taken by other tenants of the machine does not inflate.
+    """
     lines = [
-        "| pair (A vs B) | wall A (s) | wall B (s) | wall A/B | peak RSS A (GiB) "
-        "| peak RSS B (GiB) | RSS A/B | rounds |",
-        "|---|---|---|---|---|---|---|---|",
+        "| pair (A vs B) | wall A (s) | wall B (s) | wall A/B | paired A/B | CPU A/B "
+        "| peak RSS A (GiB) | peak RSS B (GiB) | RSS A/B | rounds |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a, b in pairs:
         label = f"{a} vs {b}"
         mine = [r for r in results if r.pair == label]
-        walls = {m: [r.wall_s for r in mine if r.method == m] for m in (a, b)}
-        rss = {m: [r.max_rss for r in mine if r.method == m] for m in (a, b)}
-        if not walls[a] or not walls[b]:
+        side = {m: [r for r in mine if r.method == m] for m in (a, b)}
+        if not side[a] or not side[b]:
             continue
-        wa, wb = _median(walls[a]), _median(walls[b])
-        ra, rb = _median(rss[a]), _median(rss[b])
+        wa, wb = (_median([r.wall_s for r in side[m]]) for m in (a, b))
+        ra, rb = (_median([r.max_rss for r in side[m]]) for m in (a, b))
+        rounds = {r.round: r for r in side[b]}
+        paired = [r.wall_s / rounds[r.round].wall_s for r in side[a] if r.round in rounds]
+        cpu = [_median([r.cpu_s for r in side[m]]) for m in (a, b)]
+        cpu_ratio = f"{cpu[0] / cpu[1]:.3f}" if all(cpu) else "-"
         lines.append(
-            f"| {label} | {wa:.2f} | {wb:.2f} | {wa / wb:.3f} | {ra / GIB:.3f} "
-            f"| {rb / GIB:.3f} | {ra / rb:.3f} | {len(walls[a])} |"
+            f"| {label} | {wa:.2f} | {wb:.2f} | {wa / wb:.3f} | {_median(paired):.3f} "
+            f"| {cpu_ratio} | {ra / GIB:.3f} | {rb / GIB:.3f} | {ra / rb:.3f} | {len(side[a])} |"
         )
     return lines
 

@@ -47,8 +47,8 @@ class _RssSampler(threading.Thread):
             self.finished.wait(self.interval)
 
 
-def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int, int, int]:
-    """Run one merge as a child; return wall seconds and peak RSS, anonymous and file bytes.
+def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int, int, int, float]:
+    """Run one merge as a child: wall seconds, peak RSS, anonymous and file bytes, CPU seconds.
 
     The peak RSS is the child's ``ru_maxrss``; the split is sampled. Deletes the output.
     """
@@ -71,7 +71,8 @@ def run_merge(command: Sequence[str], out: Path) -> Tuple[float, int, int, int]:
             f"{' '.join(command[:2])} failed ({code}); see the log:\n" + log.read_text()[-3000:]
         )
     shutil.rmtree(out)
-    return wall, usage.ru_maxrss * 1024, sampler.peaks["RssAnon"], sampler.peaks["RssFile"]
+    cpu = usage.ru_utime + usage.ru_stime
+    return wall, usage.ru_maxrss * 1024, sampler.peaks["RssAnon"], sampler.peaks["RssFile"], cpu
 
 
 def warm_page_cache(paths: Sequence[Path]) -> None:

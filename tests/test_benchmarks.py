@@ -106,7 +106,7 @@ def test_overhead_tiny(tmp_path: Path) -> None:
         methods = sorted(m["method"] for m in payload["merges"] if m["pair"] == pair)
         assert methods == sorted(pair.split(" vs "))
     for merge in payload["merges"]:
-        assert merge["wall_s"] > 0 and merge["max_rss"] > 0
+        assert merge["wall_s"] > 0 and merge["max_rss"] > 0 and merge["cpu_s"] > 0
     norms = payload["norm_pass"]
     assert _finite([norms["plain_gb_s"], norms["nan_gb_s"]])
     assert norms["plain_gb_s"] > 0 and norms["nan_gb_s"] > 0
@@ -133,7 +133,7 @@ def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
     out.write_text(json.dumps({"model": {"size": "tiny"}, "merges": [{**earlier, "max_rss": 123}]}))
     _run("overhead.py", *common, "--rounds", "1", "--resume")
     merges = json.loads(out.read_text())["merges"]
-    assert merges[0] == {**earlier, "max_rss": 123, "peak_anon": 0, "peak_file": 0}
+    assert merges[0] == {**earlier, "max_rss": 123, "peak_anon": 0, "peak_file": 0, "cpu_s": 0.0}
     assert [(m["round"], m["method"]) for m in merges[1:]] == [(0, "linear")]
     assert merges[1]["wall_s"] > 0 and merges[1]["max_rss"] > 2**20
 

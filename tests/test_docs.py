@@ -31,6 +31,7 @@ PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SCRIPTS = {entry.name for entry in entry_points(group="console_scripts")}
 SETUP = "python3 -m venv .venv"
 BENCHMARK = "python benchmarks/"
+OPERATORS = {"&&", "||", "|", ";"}
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def commands(block: Block) -> Iterator[str]:
     for line in block.text.replace("\\\n", " ").splitlines():
         words = shlex.split(line, comments=True)
         if words:
-            yield shlex.join(words)
+            yield " ".join(word if word in OPERATORS else shlex.quote(word) for word in words)
 
 
 def elsewhere(command: str) -> bool:
