@@ -300,6 +300,8 @@ class Header:
     merges: int
     lambda_grid: List[float]
     pool_val_loss: float
+    runs: int = 1
+    """How many runs' JSON files this report combines (``--combine``); wall time is their sum."""
 
 
 def report(record: Record, header: Header) -> str:
@@ -312,7 +314,7 @@ def report(record: Record, header: Header) -> str:
         f"{m['mergekit']}, mergekit-nan {m['mergekit-nan']}, python {m['python']}",
         f"size: {header.size} ({header.parameters} parameters; base loss on held-out pool "
         f"{header.pool_val_loss:.3f}); seeds: {header.seeds}{first}; wall time: "
-        f"{header.wall_s:.0f} s; "
+        f"{header.wall_s:.0f} s{f' (sum of {header.runs} runs)' if header.runs > 1 else ''}; "
         f"{header.merges} merges; lambda grid: {', '.join(f'{v:g}' for v in header.lambda_grid)}",
         "",
         "Losses: nats per byte on the test split, mean ± std over seeds; merges at the lambda "
@@ -368,3 +370,49 @@ def to_json(record: Record, header: Header) -> Dict[str, object]:
         "checks": [dataclasses.asdict(c) for c in record.checks],
         "failures": record.failures,
     }
+
+
+def from_json(payloads: Sequence[Dict[str, object]]) -> Tuple[Record, Header]:
+    """One record and header from the JSON of several runs (other seeds or regimes).
+
+    Settings are ordered experiment by experiment, then regime by regime, each in
+    order of first appearance; seeds, merges and wall times add up.
+    """
+    record = Record()
+    for payload in payloads:
+        for row in payload["losses"]:
+            key = (row["experiment"], row["regime"], row["model"])
+            for seed, value in row["seeds"].items():
+                record.add_loss(key, row["domain"], int(seed), value)
+        for row in payload["chosen_lambdas"]:
+            key = (row["experiment"], row["regime"], row["model"])
+            for seed, value in row["seeds"].items():
+                record.lambdas.setdefault(key, {})[int(seed)] = value
+        record.references.update(payload["references"])
+        record.corpora.update(payload["corpora"])
+        record.validation += payload["validation"]
+        record.experts += [ExpertRecord(**x) for x in payload["experts"]]
+        record.checks += [MergeCheck(**c) for c in payload["checks"]]
+        record.failures += payload["failures"]
+    experiments = list(dict.fromkeys(e for e, _, _, _ in record.losses))
+    regimes = list(dict.fromkeys(r for _, r, _, _ in record.losses))
+    record.losses = dict(
+        sorted(
+            record.losses.items(),
+            key=lambda item: (experiments.index(item[0][0]), regimes.index(item[0][1])),
+        )
+    )
+    seeds = {int(s) for row in record.losses.values() for s in row}
+    fields = {f.name for f in dataclasses.fields(Header)}
+    first = {k: v for k, v in payloads[0].items() if k in fields}
+    header = Header(
+        **{
+            **first,
+            "seeds": len(seeds),
+            "first_seed": min(seeds),
+            "wall_s": sum(float(p["wall_s"]) for p in payloads),
+            "merges": sum(int(p["merges"]) for p in payloads),
+            "runs": sum(int(p.get("runs", 1)) for p in payloads),
+        }
+    )
+    return record, header

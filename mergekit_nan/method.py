@@ -34,6 +34,7 @@ from mergekit.merge_methods.base import (
 from mergekit_nan.coefficients import accumulation_dtype
 from mergekit_nan.errors import TensorOverflowError
 from mergekit_nan.measure import MeasurableMethod, record
+from mergekit_nan.norms import cpu_kernels_on_one_thread, plan_norm_pass, run_windows
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
 
@@ -61,8 +62,11 @@ def weighted_sum(result: torch.Tensor, terms: Sequence[Tuple[torch.Tensor, float
     The floats are those of ``result.zero_()`` followed by ``result.add_(t_k, alpha=c_k)``
     for every term. On the CPU, where a kernel that mixes dtypes first copies the odd
     operand into a temporary as large as the tensor, half-precision terms are converted
-    a cache-sized window at a time into one kept buffer instead, and the first term is
+    a cache-sized window at a time into a kept buffer instead, and the first term is
     written rather than added to zeros: every input is read once and nothing is allocated.
+    Large tensors are shared out window by window between worker threads, as in the
+    norm pass (:func:`~mergekit_nan.norms.run_windows`); every element's floats are the
+    same whichever thread computes them.
     """
     if not terms:
         result.zero_()
@@ -72,20 +76,27 @@ def weighted_sum(result: torch.Tensor, terms: Sequence[Tuple[torch.Tensor, float
         for tensor, coefficient in terms:
             result.add_(tensor, alpha=coefficient)
         return
-    window = _window()
     flat = result.view(-1)
     sources = [(tensor.reshape(-1), coefficient) for tensor, coefficient in terms]
-    for start in range(0, flat.numel(), SUM_WINDOW_ELEMENTS):
+
+    def sum_window(worker: int, start: int) -> None:
         length = min(SUM_WINDOW_ELEMENTS, flat.numel() - start)
         target = flat.narrow(0, start, length)
         for index, (source, coefficient) in enumerate(sources):
             part = source.narrow(0, start, length)
             if part.dtype != torch.float32:
-                part = window.narrow(0, 0, length).copy_(part)
+                part = _window().narrow(0, 0, length).copy_(part)
             if index == 0:
                 torch.mul(part, coefficient, out=target)
             else:
                 target.add_(part, alpha=coefficient)
+
+    # The windows are shared out like the norm pass's: kernels on one thread
+    # each, so none waits at a thread barrier on busy cores.
+    threads = torch.get_num_threads()
+    plan = plan_norm_pass("cpu", flat.numel(), threads=threads, chunk=SUM_WINDOW_ELEMENTS)
+    with cpu_kernels_on_one_thread(result.device):
+        run_windows(range(0, flat.numel(), SUM_WINDOW_ELEMENTS), sum_window, plan.workers)
 
 
 class NanMerge(MeasurableMethod):

@@ -41,7 +41,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -54,9 +54,11 @@ __all__ = [
     "NonFiniteInputError",
     "NormPlan",
     "accumulation_dtype",
+    "cpu_kernels_on_one_thread",
     "frobenius_norms",
     "norms_and_sums",
     "plan_norm_pass",
+    "run_windows",
 ]
 
 NORM_ROW_ELEMENTS = 1024
@@ -162,7 +164,7 @@ def _single_threaded_kernels() -> None:
 
 
 @contextmanager
-def _cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
+def cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
     """The calling thread's kernels run on one thread inside the block (CPU only)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -217,29 +219,40 @@ class _Pass:
                     self.sums[index, first + full] = tail.sum()
 
     def run(self, workers: int) -> None:
-        starts = list(range(0, self.flats[0].numel(), self.chunk))
-        if workers == 1:
-            for start in starts:
-                self.run_window(0, start)
-            return
-        queue = iter(starts)
-        lock = threading.Lock()
+        run_windows(range(0, self.flats[0].numel(), self.chunk), self.run_window, workers)
 
-        def work(worker: int) -> None:
-            _single_threaded_kernels()
-            while True:
-                with lock:
-                    start = next(queue, None)
-                if start is None:
-                    return
-                self.run_window(worker, start)
 
-        futures = [_pool(workers - 1).submit(work, w) for w in range(1, workers)]
-        try:
-            work(0)
-        finally:
-            for future in futures:
-                future.result()
+def run_windows(starts: Iterable[int], job: Callable[[int, int], None], workers: int) -> None:
+    """Call ``job(worker, start)`` once for every start, on ``workers`` threads.
+
+    The calling thread is worker 0; the others come from a kept pool and run
+    torch's kernels on one thread each. The caller runs its own kernels on one
+    thread too (:func:`cpu_kernels_on_one_thread`), so no kernel waits at a
+    thread barrier. Windows are taken from a shared queue, so a worker slowed
+    by a busy core takes fewer of them.
+    """
+    if workers == 1:
+        for start in starts:
+            job(0, start)
+        return
+    queue = iter(starts)
+    lock = threading.Lock()
+
+    def work(worker: int) -> None:
+        _single_threaded_kernels()
+        while True:
+            with lock:
+                start = next(queue, None)
+            if start is None:
+                return
+            job(worker, start)
+
+    futures = [_pool(workers - 1).submit(work, w) for w in range(1, workers)]
+    try:
+        work(0)
+    finally:
+        for future in futures:
+            future.result()
 
 
 def _layout(
@@ -301,7 +314,7 @@ def _reduce(
         for i in range(plan.workers)
     ]
     step = _Pass(flats, flat_base, dtype, plan.chunk, windows, rows, sums)
-    with _cpu_kernels_on_one_thread(device):
+    with cpu_kernels_on_one_thread(device):
         step.run(plan.workers)
     wide = torch.float32 if device.type == "mps" else torch.float64
     squares = rows.to(wide).square().sum(dim=1)

@@ -328,13 +328,21 @@ def test_mergekit_multi_knows_nan(family, tmp_path):
     check_model_dir(out / "merged", tuned, base)
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one worker", "two workers"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_weighted_sum_is_the_floats_of_adding_each_term(dtype):
+def test_weighted_sum_is_the_floats_of_adding_each_term(dtype, workers):
     """The windowed sum writes the floats of zero_() + add_(t, alpha=c), term by term."""
     from mergekit_nan.method import SUM_WINDOW_ELEMENTS, weighted_sum
+    from mergekit_nan.norms import PARALLEL_MIN_ELEMENTS, plan_norm_pass
 
     generator = torch.Generator().manual_seed(3)
-    shape = (SUM_WINDOW_ELEMENTS // 500 + 7, 500)  # more than one window, a partial last one
+    # More than one window and a partial last one; two workers from PARALLEL_MIN_ELEMENTS up.
+    rows = (SUM_WINDOW_ELEMENTS if workers == 1 else PARALLEL_MIN_ELEMENTS) // 500 + 7
+    shape = (rows, 500)
+    plan = plan_norm_pass("cpu", rows * 500, threads=2, chunk=SUM_WINDOW_ELEMENTS)
+    assert plan.workers == workers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     terms = [
         (torch.randn(shape, generator=generator).to(dtype), coefficient)
         for coefficient in (0.37, -1.25, 2.0e-3, 1.0)
@@ -343,7 +351,11 @@ def test_weighted_sum_is_the_floats_of_adding_each_term(dtype):
     for tensor, coefficient in terms:
         expected.add_(tensor, alpha=coefficient)
     result = torch.empty(shape)
-    weighted_sum(result, terms)
+    try:
+        weighted_sum(result, terms)
+        assert torch.get_num_threads() == 2  # the caller's setting is restored
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(result, expected)
     weighted_sum(result, [])
     assert not result.any()

@@ -114,3 +114,29 @@ def test_quality_lm_tiny(
 
     # Without --keep, nothing is left behind (the work directory did not exist before).
     assert not work.exists()
+
+    # --combine prints one report from several runs' JSON: here the run and a copy as seed 1.
+    shifted = json.loads(out.read_text().replace('"0": ', '"1": '))
+    shifted.update(experts=[{**x, "seed": 1} for x in payload["experts"]], wall_s=1.0)
+    (tmp_path / "seed1.json").write_text(json.dumps(shifted))
+    both = tmp_path / "both.json"
+    combine = ["--combine", str(out), str(tmp_path / "seed1.json"), "--json", str(both)]
+    assert quality_lm.main(combine) == 0
+    combined = capsys.readouterr().out
+    assert "seeds: 2" in combined and "(sum of 2 runs)" in combined
+    merged = json.loads(both.read_text())
+    assert merged["merges"] == 2 * n_merges and len(merged["experts"]) == 2 * len(experts)
+    assert merged["wall_s"] == payload["wall_s"] + 1.0
+    for row in merged["losses"]:
+        (single,) = [
+            r
+            for r in payload["losses"]
+            if r["model"] == row["model"]
+            and (r["experiment"], r["regime"], r["domain"])
+            == (row["experiment"], row["regime"], row["domain"])
+        ]
+        assert row["seeds"] == {"0": single["seeds"]["0"], "1": single["seeds"]["0"]}
+    headings = [
+        line for line in combined.splitlines() if line.startswith("### ") and "regime" in line
+    ]
+    assert headings == [f"### {e}, regime {r}" for e in EXPERIMENTS for r in REGIMES]
