@@ -43,7 +43,7 @@ models are small, so a second thread gains little (about 1.4x on a quiet
 several-fold; one thread keeps the timing stable on a shared machine.
 
 Run: ``python benchmarks/quality_lm.py`` (``--size full``, 3 seeds: about an
-hour on one core; or about 35 minutes on two, as ``--regime epochs`` and
+hour on one core; or about 45 minutes on two, as ``--regime epochs`` and
 ``--regime steps`` side by side, each with ``--json``, printed together by
 ``--combine``); ``--size small`` for development (a few minutes);
 ``--size tiny`` checks the pipeline in seconds (its numbers mean nothing).

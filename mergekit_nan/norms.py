@@ -37,6 +37,7 @@ the merge would not), else allocated.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -146,6 +147,16 @@ def plan_norm_pass(
 _POOL: Optional[ThreadPoolExecutor] = None
 _POOL_LOCK = threading.Lock()
 _CONFIGURED = threading.local()
+
+
+def _forget_the_pool() -> None:
+    """In a forked child: the parent's worker threads do not exist there, so start afresh."""
+    global _POOL, _POOL_LOCK
+    _POOL = None
+    _POOL_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_forget_the_pool)
 
 
 def _pool(workers: int) -> ThreadPoolExecutor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import multiprocessing
+import os
 
 import pytest
 import torch
@@ -15,6 +17,7 @@ from mergekit_nan.norms import (
     frobenius_norms,
     norms_and_sums,
     plan_norm_pass,
+    run_windows,
 )
 
 LARGEST = 400_000_000
@@ -95,3 +98,25 @@ def test_sums_come_from_the_same_pass(with_base):
         x = tensor.double() - origin
         assert math.isclose(norm, float(x.norm()), rel_tol=1e-6)
         assert math.isclose(total, float(x.sum()), rel_tol=1e-5, abs_tol=1e-3)
+
+
+def _windows_in_a_child() -> None:
+    done = []
+    run_windows(range(8), lambda worker, start: done.append((worker, start)), 2)
+    os._exit(0 if sorted(start for _, start in done) == list(range(8)) else 1)
+
+
+def test_a_forked_child_gets_worker_threads_of_its_own():
+    """A child forked after the worker pool was made runs windows on threads of its own.
+
+    (The child runs no torch kernel: torch's OpenMP threads are not fork-safe either.)
+    """
+    seen = []
+    run_windows(range(8), lambda worker, start: seen.append(worker), 2)  # the parent's pool
+    assert len(seen) == 8 and set(seen) <= {0, 1}
+    child = multiprocessing.get_context("fork").Process(target=_windows_in_a_child)
+    child.start()
+    child.join(60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0, "the child's windows waited on threads it does not have"
