@@ -205,9 +205,9 @@ def start_child(
 
 
 def wait_for(path: Path, child: Child, timeout: float = 120) -> None:
-    """Wait until ``path`` exists; fail if the child ends first."""
+    """Wait until ``path`` exists and holds its text; fail if the child ends first."""
     deadline = time.monotonic() + timeout
-    while not path.exists():
+    while not (path.exists() and path.read_text()):
         if not child.process.is_alive():
             raise AssertionError(f"the child ended before {path.name} appeared:\n{child.output}")
         if time.monotonic() > deadline:

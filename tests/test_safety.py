@@ -109,8 +109,9 @@ def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_p
     arguments = merge_arguments(recipe, earlier, "--overwrite")
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
     wait_for(tmp_path / STALL_MARKER, child)
+    assert (tmp_path / STALL_MARKER).read_text() == str(child.process.pid)
     os.kill(child.process.pid, signal.SIGINT)
-    assert child.wait() == 130
+    assert child.wait() == 130, child.output
     assert child.output.strip().splitlines()[-1] == f"Interrupted: {earlier} was left as it was."
     assert "Traceback" not in child.output
     assert snapshot(earlier) == before and leftovers(earlier) == []
