@@ -34,7 +34,7 @@ from mergekit.merge_methods.base import (
 from mergekit_nan.coefficients import accumulation_dtype
 from mergekit_nan.errors import TensorOverflowError
 from mergekit_nan.measure import MeasurableMethod, record
-from mergekit_nan.norms import cpu_kernels_on_one_thread, plan_norm_pass, run_windows
+from mergekit_nan.norms import plan_norm_pass, run_windows
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
 
@@ -95,8 +95,8 @@ def weighted_sum(result: torch.Tensor, terms: Sequence[Tuple[torch.Tensor, float
     # each, so none waits at a thread barrier on busy cores.
     threads = torch.get_num_threads()
     plan = plan_norm_pass("cpu", flat.numel(), threads=threads, chunk=SUM_WINDOW_ELEMENTS)
-    with cpu_kernels_on_one_thread(result.device):
-        run_windows(range(0, flat.numel(), SUM_WINDOW_ELEMENTS), sum_window, plan.workers)
+    starts = range(0, flat.numel(), SUM_WINDOW_ELEMENTS)
+    run_windows(starts, sum_window, plan.workers, result.device)
 
 
 class NanMerge(MeasurableMethod):

@@ -55,7 +55,6 @@ __all__ = [
     "NonFiniteInputError",
     "NormPlan",
     "accumulation_dtype",
-    "cpu_kernels_on_one_thread",
     "frobenius_norms",
     "norms_and_sums",
     "plan_norm_pass",
@@ -175,7 +174,7 @@ def _single_threaded_kernels() -> None:
 
 
 @contextmanager
-def cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
+def _cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
     """The calling thread's kernels run on one thread inside the block (CPU only)."""
     threads = torch.get_num_threads()
     if device.type != "cpu" or threads == 1:
@@ -230,18 +229,29 @@ class _Pass:
                     self.sums[index, first + full] = tail.sum()
 
     def run(self, workers: int) -> None:
-        run_windows(range(0, self.flats[0].numel(), self.chunk), self.run_window, workers)
+        starts = range(0, self.flats[0].numel(), self.chunk)
+        run_windows(starts, self.run_window, workers, self.flats[0].device)
 
 
-def run_windows(starts: Iterable[int], job: Callable[[int, int], None], workers: int) -> None:
+def run_windows(
+    starts: Iterable[int],
+    job: Callable[[int, int], None],
+    workers: int,
+    device: torch.device,
+) -> None:
     """Call ``job(worker, start)`` once for every start, on ``workers`` threads.
 
-    The calling thread is worker 0; the others come from a kept pool and run
-    torch's kernels on one thread each. The caller runs its own kernels on one
-    thread too (:func:`cpu_kernels_on_one_thread`), so no kernel waits at a
-    thread barrier. Windows are taken from a shared queue, so a worker slowed
-    by a busy core takes fewer of them.
+    The calling thread is worker 0; the others come from a kept pool. On the
+    CPU every worker, the caller included for the duration of the call, runs
+    torch's kernels on one thread, so no kernel waits at a thread barrier.
+    Windows are taken from a shared queue, so a worker slowed by a busy core
+    takes fewer of them.
     """
+    with _cpu_kernels_on_one_thread(device):
+        _run_windows(starts, job, workers)
+
+
+def _run_windows(starts: Iterable[int], job: Callable[[int, int], None], workers: int) -> None:
     if workers == 1:
         for start in starts:
             job(0, start)
@@ -325,8 +335,7 @@ def _reduce(
         for i in range(plan.workers)
     ]
     step = _Pass(flats, flat_base, dtype, plan.chunk, windows, rows, sums)
-    with cpu_kernels_on_one_thread(device):
-        step.run(plan.workers)
+    step.run(plan.workers)
     wide = torch.float32 if device.type == "mps" else torch.float64
     squares = rows.to(wide).square().sum(dim=1)
     return squares, None if sums is None else sums.to(wide).sum(dim=1)

@@ -20,6 +20,7 @@ from mergekit_nan.norms import (
     run_windows,
 )
 
+CPU = torch.device("cpu")
 LARGEST = 400_000_000
 """Elements of a large model's largest tensor (a 3B model's embedding: 394M)."""
 
@@ -102,7 +103,7 @@ def test_sums_come_from_the_same_pass(with_base):
 
 def _windows_in_a_child() -> None:
     done = []
-    run_windows(range(8), lambda worker, start: done.append((worker, start)), 2)
+    run_windows(range(8), lambda worker, start: done.append((worker, start)), 2, CPU)
     os._exit(0 if sorted(start for _, start in done) == list(range(8)) else 1)
 
 
@@ -112,7 +113,7 @@ def test_a_forked_child_gets_worker_threads_of_its_own():
     (The child runs no torch kernel: torch's OpenMP threads are not fork-safe either.)
     """
     seen = []
-    run_windows(range(8), lambda worker, start: seen.append(worker), 2)  # the parent's pool
+    run_windows(range(8), lambda worker, start: seen.append(worker), 2, CPU)  # the parent's pool
     assert len(seen) == 8 and set(seen) <= {0, 1}
     child = multiprocessing.get_context("fork").Process(target=_windows_in_a_child)
     child.start()
