@@ -258,15 +258,22 @@ def _run_windows(starts: Iterable[int], job: Callable[[int, int], None], workers
         return
     queue = iter(starts)
     lock = threading.Lock()
+    stopped = threading.Event()
 
     def work(worker: int) -> None:
         _single_threaded_kernels()
-        while True:
-            with lock:
-                start = next(queue, None)
-            if start is None:
-                return
-            job(worker, start)
+        try:
+            while not stopped.is_set():
+                with lock:
+                    start = next(queue, None)
+                if start is None:
+                    return
+                job(worker, start)
+        except BaseException:
+            # Ctrl-C (on the calling thread) or an error on any: the other workers finish
+            # the window they hold and take no more, so nothing waits for the rest.
+            stopped.set()
+            raise
 
     futures = [_pool(workers - 1).submit(work, w) for w in range(1, workers)]
     try:

@@ -29,6 +29,7 @@ import logging
 import multiprocessing
 import os
 import resource
+import signal
 import subprocess
 import sys
 import time
@@ -153,6 +154,12 @@ def _child(
     sys.stdout = io.TextIOWrapper(os.fdopen(1, "wb", buffering=0), write_through=True)
     sys.stderr = io.TextIOWrapper(os.fdopen(2, "wb", buffering=0), write_through=True)
     os.chdir(cwd)
+    # A command the user started in the foreground of a terminal, where Ctrl-C reaches it
+    # with Python's default handler. The fork server hands its children the SIGINT
+    # disposition that its own interpreter started with, which is SIG_IGN whenever the
+    # test run was started with SIGINT ignored (a background job of a script or a CI
+    # runner): Python then installs no handler, and an interrupt would be dropped.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if stall_dir is not None:
         _stall_after_first_shard(Path(stall_dir) / STALL_MARKER)
     if file_size_limit is not None:
@@ -193,7 +200,9 @@ def start_child(
 
     ``file_size_limit`` sets ``RLIMIT_FSIZE`` (writes beyond it fail with
     ``EFBIG``); with ``stall_dir`` the child stops for a minute after its first
-    output shard and says so by creating :data:`STALL_MARKER` there.
+    output shard and says so by creating :data:`STALL_MARKER` there. The child
+    takes SIGINT as a command in the foreground of a terminal does (Python's
+    default handler), however the test run itself was started.
     """
     log = cwd / f".child-{name}-{time.monotonic_ns()}.log"
     process = _CONTEXT.Process(

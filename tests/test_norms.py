@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import multiprocessing
 import os
+import threading
+import types
 
 import pytest
 import torch
 
+from mergekit_nan import norms
 from mergekit_nan.norms import (
     ACCELERATOR_CHUNK_ELEMENTS,
     CPU_CHUNK_ELEMENTS,
@@ -121,3 +124,30 @@ def test_a_forked_child_gets_worker_threads_of_its_own():
     if child.exitcode is None:
         child.kill()
     assert child.exitcode == 0, "the child's windows waited on threads it does not have"
+
+
+def test_an_interrupt_stops_the_other_workers_taking_windows(monkeypatch):
+    """Ctrl-C on the calling thread ends the pass after the windows already in hand."""
+    stop_seen = threading.Event()
+
+    class Stop(threading.Event):
+        def set(self) -> None:
+            super().set()
+            stop_seen.set()
+
+    proxy = types.SimpleNamespace(Lock=threading.Lock, Event=Stop, local=threading.local)
+    monkeypatch.setattr(norms, "threading", proxy)
+    done = []
+    in_hand = threading.Event()
+
+    def job(worker: int, start: int) -> None:
+        if worker == 0:
+            assert in_hand.wait(30)
+            raise KeyboardInterrupt
+        in_hand.set()
+        assert stop_seen.wait(30)  # the pass is stopped while this window is in hand
+        done.append(start)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_windows(range(1000), job, 2, CPU)
+    assert len(done) == 1  # the window in hand, and no other

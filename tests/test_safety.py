@@ -12,6 +12,8 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List
 
@@ -156,3 +158,25 @@ def test_overwrite_replaces_the_earlier_model_whole(family, earlier, tmp_path):
     assert leftovers(earlier) == []
     card = (earlier / "README.md").read_text()
     assert "mergekit-nan merge mergekit_config.yml OUT_PATH" in card and PARTIAL not in card
+
+
+def test_ctrl_c_reaches_the_merge_when_the_test_run_itself_ignores_sigint(tmp_path):
+    """The interrupt test, in a test run started with SIGINT ignored.
+
+    A background job of a script (or a CI runner) starts with SIGINT ignored;
+    the fork server behind :func:`stock.start_child` then handed its children
+    SIG_IGN, and the merge never saw the interrupt. This run needs an
+    interpreter of its own: the disposition a process starts with is the point.
+    """
+    test = f"{Path(__file__).name}::test_an_interrupted_merge_says_one_line_and_exits_130"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+        cwd=Path(__file__).parent,
+        env={**os.environ, "PYTEST_ADDOPTS": f"--basetemp={tmp_path / 'run'}"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "1 passed" in result.stdout
