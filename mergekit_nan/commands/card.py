@@ -4,7 +4,9 @@ mergekit's own card (:func:`mergekit.card.generate_card`) for the recipe as
 given names the method and the models; :func:`nan_card_section` adds the
 granularity, the coefficients and the command that reproduces the model.
 ``mergekit_config.yml`` holds the recipe as given and, when the coefficients
-were frozen, :data:`FROZEN_FILE` the stock recipe that was merged.
+were frozen, :data:`FROZEN_FILE` the stock recipe that was merged. A recipe
+without NAN gets mergekit's card and a section naming the command that made
+it (:func:`stock_card_files`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,14 @@ from mergekit_nan.commands.report import format_table, model_labels
 from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import Granularity
 
-__all__ = ["FROZEN_FILE", "card_files", "nan_card_section", "reproduce_command", "write_card_files"]
+__all__ = [
+    "FROZEN_FILE",
+    "card_files",
+    "nan_card_section",
+    "reproduce_command",
+    "stock_card_files",
+    "write_card_files",
+]
 
 FROZEN_FILE = "mergekit_nan_frozen.yml"
 """The stock recipe merged at ``layer``/``model`` granularity, next to the card."""
@@ -39,15 +48,17 @@ _POOLING = {
 }
 
 
-def reproduce_command(granularity: Granularity, options: MergeOptions) -> str:
+def reproduce_command(granularity: Optional[Granularity], options: MergeOptions) -> str:
     """The ``mergekit-nan merge`` command line that writes this model again.
 
-    Names every option that changes what is written: the granularity, the
-    random seed (DARE, DELLA), the device, the output shard size and the
-    switches mergekit needs for the recipe; ``OUT_PATH`` is left to the reader.
+    Names every option that changes what is written: the granularity (None
+    for a recipe without NAN), the random seed (DARE, DELLA), the device, the
+    output shard size and the switches mergekit needs for the recipe;
+    ``OUT_PATH`` is left to the reader.
     """
     words: List[str] = ["mergekit-nan", "merge", "mergekit_config.yml", "OUT_PATH"]
-    words += ["--granularity", granularity]
+    if granularity is not None:
+        words += ["--granularity", granularity]
     if options.random_seed is not None:
         words += ["--random-seed", str(options.random_seed)]
     if options.device not in (None, "cpu"):
@@ -61,7 +72,12 @@ def reproduce_command(granularity: Granularity, options: MergeOptions) -> str:
         "--trust-remote-code": options.trust_remote_code,
         "--lazy-unpickle": options.lazy_unpickle,
         "--no-copy-tokenizer": not options.copy_tokenizer,
+        "--clone-tensors": options.clone_tensors,
+        "--no-safe-serialization": not options.safe_serialization,
+        "--unsafe-truncate-embeddings": options.unsafe_truncate_embeddings,
     }
+    if options.lora_merge_dtype is not None:
+        words += ["--lora-merge-dtype", options.lora_merge_dtype]
     words += [flag for flag, given in flags.items() if given]
     return shlex.join(words)
 
@@ -135,6 +151,36 @@ def card_files(
     if frozen is not None and granularity != "tensor":
         files[FROZEN_FILE] = frozen
     return files
+
+
+def stock_card_files(
+    name: str, config: MergeConfiguration, source: str, options: MergeOptions
+) -> Dict[str, str]:
+    """File name -> text of the card files for a recipe without NAN, merged by ``merge``.
+
+    mergekit's own card, and a section that says which command made the model
+    and how to make it again.
+    """
+    card = generate_card(config=config, config_yaml=source, name=name)
+    section = "\n".join(
+        [
+            "",
+            "### Merged with mergekit-nan merge",
+            "",
+            f"This model was merged by `mergekit-nan merge` with mergekit's own "
+            f"`{config.merge_method}` (no NAN coefficients): the recipe was checked before "
+            "any tensor was read, no input could be overwritten, and the model was written "
+            "beside its directory and moved into place once complete. The tensors are those "
+            "the stock `mergekit-yaml` writes with the same options. `mergekit_config.yml` "
+            "is the recipe as given; this command writes the model again:",
+            "",
+            "```bash",
+            reproduce_command(None, options),
+            "```",
+            "",
+        ]
+    )
+    return {"README.md": card + section, "mergekit_config.yml": source}
 
 
 def write_card_files(directory: Path, files: Dict[str, str]) -> None:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 import os
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
+
+from mergekit_nan.commands.options import merge_options, mergekit_options, writing_options
 
 __all__ = ["main"]
 
@@ -42,56 +43,6 @@ def _reported(command: Callable) -> Callable:
     return run
 
 
-def _granularity_option() -> Callable:
-    return click.option(
-        "--granularity",
-        type=click.Choice(["tensor", "layer", "model"]),
-        default=None,
-        help="tensor: each tensor's own norms; layer: one coefficient per model per "
-        "transformer layer; model: one per model from whole-checkpoint norms  "
-        "[default: the recipe's nan_granularity, else tensor]",
-    )
-
-
-def _mergekit_options(command: Callable) -> Callable:
-    """The mergekit options that matter for reading models and computing norms."""
-    options = [
-        _granularity_option(),
-        click.option("--device", default=None, help="Compute on this device (e.g. cuda:0)"),
-        click.option("--cuda", is_flag=True, help="Compute on the GPU (--device cuda)"),
-        click.option(
-            "--multi-gpu",
-            is_flag=True,
-            help="Spread the tensors over every GPU (mergekit's multi-GPU executor)",
-        ),
-        click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
-        click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
-        click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
-        click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures"),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bar"),
-        click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks"),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
-
-
-def _merge_options(arguments: Dict[str, Any]):
-    from mergekit.options import MergeOptions
-
-    logging.basicConfig(level=logging.INFO if arguments["verbose"] else logging.WARNING)
-    return MergeOptions(
-        device=arguments["device"],
-        cuda=arguments["cuda"],
-        multi_gpu=arguments["multi_gpu"],
-        lora_merge_cache=arguments["lora_merge_cache"],
-        transformers_cache=arguments["transformers_cache"],
-        trust_remote_code=arguments["trust_remote_code"],
-        allow_crimes=arguments["allow_crimes"],
-        quiet=arguments["quiet"],
-    )
-
-
 def _check_writable(*paths: Optional[str]) -> None:
     for path in paths:
         if path is None:
@@ -116,7 +67,7 @@ def _preflight(
     """
     from mergekit_nan.doctor.check import check_recipe
 
-    report = check_recipe(config_file, out_path=out_path, options=_merge_options(arguments))
+    report = check_recipe(config_file, out_path=out_path, options=merge_options(arguments))
     report = dataclasses.replace(
         report, findings=tuple(f for f in report.findings if f.code not in ignore)
     )
@@ -137,8 +88,25 @@ def _inspect(config_file: str, arguments: Dict[str, Any]):
     _preflight(config_file, arguments)
     config = load_recipe(config_file)
     return inspect_recipe(
-        config, granularity=arguments["granularity"], options=_merge_options(arguments)
+        config, granularity=arguments["granularity"], options=merge_options(arguments)
     )
+
+
+def _single_document(config_file: str) -> None:
+    """Refuse a multi-document (``mergekit-multi``) recipe with a message that says what to do."""
+    import yaml
+
+    with open(config_file, encoding="utf-8") as file:
+        try:
+            count = sum(1 for _ in yaml.safe_load_all(file))
+        except yaml.YAMLError:
+            return  # the preflight reports it
+    if count > 1:
+        raise click.ClickException(
+            f"{config_file} holds {count} recipes (a mergekit-multi file); mergekit-nan merge "
+            "merges one: give each stage its own file and merge them in order with "
+            "mergekit-nan merge, or run mergekit-multi (which checks NAN stages first)"
+        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -154,7 +122,7 @@ def main() -> None:
 @click.option("--json", "json_file", default=None, help="Write every coefficient to this JSON file")
 @click.option("--csv", "csv_file", default=None, help="Write every coefficient to this CSV file")
 @click.option("--plot", "plot_file", default=None, help="Write a heatmap PNG (needs matplotlib)")
-@_mergekit_options
+@mergekit_options
 @_reported
 def inspect_command(
     config_file: str,
@@ -200,7 +168,7 @@ def inspect_command(
 @main.command("freeze")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", required=True, help="Where to write the stock recipe (YAML)")
-@_mergekit_options
+@mergekit_options
 @_reported
 def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     """Write a stock mergekit recipe whose weights are CONFIG_FILE's NAN coefficients.
@@ -309,7 +277,8 @@ def check_command(
     is_flag=True,
     help="Replace a non-empty OUT_PATH (its content stays until the new model is complete)",
 )
-@_mergekit_options
+@writing_options
+@mergekit_options
 @_reported
 def merge_command(
     config_file: str,
@@ -323,13 +292,16 @@ def merge_command(
     overwrite: bool,
     **arguments: Any,
 ) -> None:
-    """Merge CONFIG_FILE into OUT_PATH with NAN coefficients at any granularity.
+    """Merge any mergekit recipe CONFIG_FILE into OUT_PATH: checked, inputs safe, atomic.
 
-    --granularity tensor is mergekit-yaml CONFIG_FILE OUT_PATH, bit for bit.
-    layer and model measure the norms in one streaming pass, freeze the
-    coefficients into a stock recipe and merge it with mergekit. The model
-    is written beside OUT_PATH and moved into place only when complete: an
-    interrupted or failed merge leaves OUT_PATH as it was.
+    Every check error stops the merge before anything is read or written, an
+    OUT_PATH that is or holds an input is refused, and the model is written
+    beside OUT_PATH and moved into place only when complete: an interrupted
+    or failed merge leaves OUT_PATH as it was. A recipe without NAN gives the
+    tensors of mergekit-yaml CONFIG_FILE OUT_PATH with the same options, bit
+    for bit. A NAN recipe at --granularity tensor is mergekit-yaml, bit for
+    bit; layer and model measure the norms in one streaming pass, freeze the
+    coefficients into a stock recipe and merge it with mergekit.
     """
     from mergekit.common import parse_kmb
 
@@ -346,13 +318,14 @@ def merge_command(
             "delete it once no merge into it is running",
             err=True,
         )
+    _single_document(config_file)
     _preflight(config_file, arguments, out_path=out_path, ignore=("output-not-empty",))
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputNotEmpty(
             f"output directory {out_path} is not empty; pass --overwrite to replace it "
             "(its content stays until the new model is complete)"
         )
-    options = _merge_options(arguments).model_copy(
+    options = merge_options(arguments).model_copy(
         update={
             "random_seed": random_seed,
             "out_shard_size": parse_kmb(out_shard_size),
@@ -361,6 +334,8 @@ def merge_command(
             "write_model_card": write_model_card,
         }
     )
+    if options.num_threads is not None:  # as the stock mergekit-yaml sets them
+        options.apply_global_options()
     source = Path(config_file).read_text(encoding="utf-8")
     try:
         with suspended():  # the preflight has reported every finding already
@@ -385,7 +360,8 @@ def merge_command(
         raise click.ClickException(f"{_one_line(error)}; {out_path} was left as it was") from None
     if save_frozen:
         click.echo(f"Wrote {save_frozen}")
-    click.echo(f"Merged {config_file} into {out_path} ({result.granularity} granularity)")
+    how = "" if result.granularity is None else f" ({result.granularity} granularity)"
+    click.echo(f"Merged {config_file} into {out_path}{how}")
 
 
 @main.command("demo")

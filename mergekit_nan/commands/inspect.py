@@ -64,7 +64,9 @@ __all__ = [
     "Granularity",
     "Inspection",
     "TensorCoefficients",
+    "check_models",
     "require_nan_recipe",
+    "uses_nan",
     "inspect_recipe",
     "measure_recipe",
     "load_recipe",
@@ -157,8 +159,7 @@ def load_recipe(path: str) -> MergeConfiguration:
 
 def _check_method(name: str) -> None:
     register_methods()
-    method = merge_methods.get(name)
-    if not isinstance(method, (NanMerge, NanCoefficients)):
+    if not isinstance(merge_methods.get(name), (NanMerge, NanCoefficients)):
         choices = ", ".join(f"{m}+nan" for m in modifiable_methods())
         raise ValueError(
             f"the recipe's merge_method is {name!r}, which does not use NAN "
@@ -170,17 +171,24 @@ def _looks_local(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1
 
 
-def _check_models(config: MergeConfiguration) -> None:
+def check_models(config: MergeConfiguration) -> None:
+    """Refuse a recipe whose local models (or LoRA adapters) do not exist."""
     for model in config.referenced_models():
         for part in (model.model, model.lora):
             if part is not None and _looks_local(part.path) and not os.path.exists(part.path):
                 raise FileNotFoundError(f"model {model} not found: no such directory {part.path}")
 
 
+def uses_nan(config: MergeConfiguration) -> bool:
+    """Whether the recipe's merge method is ``nan`` or a ``<method>+nan`` (NAN coefficients)."""
+    register_methods()
+    return isinstance(merge_methods.get(config.merge_method), (NanMerge, NanCoefficients))
+
+
 def require_nan_recipe(config: MergeConfiguration) -> None:
     """Refuse a recipe without a NAN method, or with local models that do not exist."""
     _check_method(config.merge_method)
-    _check_models(config)
+    check_models(config)
 
 
 def _kind(name: str, layer: Optional[int]) -> str:

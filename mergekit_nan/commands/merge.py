@@ -18,6 +18,16 @@ replaces it only once mergekit has written the tensors, the config, the
 tokenizer and the model card (:mod:`mergekit_nan.commands.output`): an
 interrupted or failed merge leaves ``out_path`` as it was. The model card
 (with ``write_model_card``) is :mod:`mergekit_nan.commands.card`'s.
+
+A recipe without NAN (any stock method) is merged by ``run_merge`` as given,
+through the same partial directory: its tensors and config are bit-identical
+to the stock ``mergekit-yaml`` with the same options; only the model card
+says which command made it. ``granularity`` and ``save_frozen`` are NAN's
+and refused for such a recipe.
+
+Every merged tensor is checked for NaN/Inf values as it is written
+(:func:`finite_outputs`): a merge that produces one stops, naming the tensor,
+and leaves ``out_path`` as it was.
 """
 
 from __future__ import annotations
@@ -29,36 +39,46 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import torch
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
+from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from mergekit_nan.commands.card import card_files, write_card_files
+from mergekit_nan.commands.card import card_files, stock_card_files, write_card_files
 from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
-from mergekit_nan.commands.inspect import Inspection, measure_recipe, require_nan_recipe
+from mergekit_nan.commands.inspect import (
+    Inspection,
+    check_models,
+    measure_recipe,
+    require_nan_recipe,
+    uses_nan,
+)
 from mergekit_nan.commands.output import atomic_directory
 from mergekit_nan.commands.premise import premise, recorded_premise
 from mergekit_nan.commands.report import write_files
+from mergekit_nan.errors import TensorError
 from mergekit_nan.granularity import resolve_granularity, without_granularity
 from mergekit_nan.measure import recording
 from mergekit_nan.parameters import Granularity
 
-__all__ = ["MergeResult", "merge_recipe"]
+__all__ = ["MergeResult", "finite_outputs", "merge_recipe"]
 
 
 @dataclass(frozen=True)
 class MergeResult:
     """What :func:`merge_recipe` did.
 
-    ``inspection`` and ``frozen`` (the stock recipe's YAML text) are present
-    when the coefficients were measured: at ``layer``/``model`` granularity,
-    or at ``tensor`` granularity with ``save_frozen``. ``out_path`` is where
-    the model now is (symlinks resolved).
+    ``granularity`` is None for a recipe without NAN. ``inspection`` and
+    ``frozen`` (the stock recipe's YAML text) are present when the
+    coefficients were measured: at ``layer``/``model`` granularity, or at
+    ``tensor`` granularity with ``save_frozen``. ``out_path`` is where the
+    model now is (symlinks resolved).
     """
 
-    granularity: Granularity
+    granularity: Optional[Granularity]
     inspection: Optional[Inspection]
     frozen: Optional[str]
     out_path: Path
@@ -80,6 +100,45 @@ def _lora_cache(config: MergeConfiguration, options: MergeOptions) -> Iterator[M
                 LoaderCache().loaders.pop(model, None)
 
 
+@contextlib.contextmanager
+def finite_outputs() -> Iterator[None]:
+    """Inside the block, mergekit's writer refuses a merged tensor with NaN or Inf values.
+
+    :class:`~mergekit_nan.errors.TensorError` names the tensor; it is raised
+    before the tensor reaches a shard, so a caller writing into a partial
+    directory discards it whole.
+    """
+    original = TensorWriter.save_tensor
+
+    def save_tensor(self, name: str, tensor: torch.Tensor, clone: bool = False):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise TensorError(
+                f"merged tensor {name!r} has {bad} NaN/Inf values of {tensor.numel()}: an "
+                "input holds NaN/Inf there, or the recipe divides by zero or overflows the "
+                "dtype (mergekit-nan check RECIPE looks for the recipe's part)"
+            )
+        return original(self, name, tensor, clone=clone)
+
+    TensorWriter.save_tensor = save_tensor
+    try:
+        yield
+    finally:
+        TensorWriter.save_tensor = original
+
+
+def _refuse_nan_options(
+    config: MergeConfiguration, granularity: Optional[str], save_frozen: Optional[str]
+) -> None:
+    for given, option in ((granularity, "--granularity"), (save_frozen, "--save-frozen")):
+        if given is not None:
+            raise ValueError(
+                f"{option} applies only to NAN recipes, and this recipe's merge_method is "
+                f"{config.merge_method!r}; drop {option} (NAN coefficients need "
+                "merge_method nan or <method>+nan)"
+            )
+
+
 def merge_recipe(
     config: MergeConfiguration,
     out_path: str,
@@ -91,10 +150,12 @@ def merge_recipe(
     source_name: str = "the recipe",
     overwrite: bool = False,
 ) -> MergeResult:
-    """Merge a ``nan``/``<method>+nan`` recipe at ``granularity`` into ``out_path``.
+    """Merge any mergekit recipe into ``out_path``; a NAN one at ``granularity``.
 
-    ``granularity`` None means the recipe's ``nan_granularity``, else
-    ``tensor``. ``config_source`` is the recipe's text (for the model card and
+    For a ``nan``/``<method>+nan`` recipe, ``granularity`` None means the
+    recipe's ``nan_granularity``, else ``tensor``. Any other recipe is merged
+    as the stock ``mergekit-yaml`` merges it; ``granularity`` and
+    ``save_frozen`` must then be None (``ValueError``). ``config_source`` is the recipe's text (for the model card and
     ``mergekit_config.yml``); ``save_frozen`` a path for the frozen stock
     recipe (measuring the coefficients at ``tensor`` granularity too).
     ``out_path`` must be new or empty unless ``overwrite``; it is replaced
@@ -102,15 +163,21 @@ def merge_recipe(
     (:class:`~mergekit_nan.commands.output.OutputNotEmpty` for a non-empty one
     without ``overwrite``).
     """
+    source = config_source if config_source is not None else config.to_yaml()
+    target = Path(os.path.realpath(os.path.expanduser(out_path)))
+    if not uses_nan(config):
+        _refuse_nan_options(config, granularity, save_frozen)
+        check_models(config)
+        _merge_stock(config, target, options, source, overwrite)
+        return MergeResult(None, None, None, target)
     granularity = resolve_granularity(config, granularity)
     require_nan_recipe(config)
     plain = without_granularity(config)
-    source = config_source if config_source is not None else config.to_yaml()
     inspection = frozen = None
-    target = Path(os.path.realpath(os.path.expanduser(out_path)))
     with (
         atomic_directory(target, overwrite=overwrite) as partial,
         _lora_cache(plain, options) as options,
+        finite_outputs(),
     ):
         if granularity != "tensor" or save_frozen is not None:
             inspection = measure_recipe(plain, granularity, options)
@@ -135,3 +202,19 @@ def merge_recipe(
             )
             write_card_files(partial, files)
     return MergeResult(granularity, inspection, frozen, target)
+
+
+def _merge_stock(
+    config: MergeConfiguration, target: Path, options: MergeOptions, source: str, overwrite: bool
+) -> None:
+    """``run_merge`` as the stock ``mergekit-yaml`` calls it, into a partial directory."""
+    with (
+        atomic_directory(target, overwrite=overwrite) as partial,
+        _lora_cache(config, options) as options,
+        finite_outputs(),
+    ):
+        # mergekit's own card would name the partial directory: this module writes it.
+        inner = options.model_copy(update={"write_model_card": False})
+        run_merge(config, str(partial), options=inner, config_source=source)
+        if options.write_model_card:
+            write_card_files(partial, stock_card_files(target.name, config, source, options))
