@@ -34,9 +34,15 @@ DOCUMENTED = [
 
 
 def documented_arguments(script: str) -> List[str]:
-    """The arguments of the documented command line of ``script``."""
-    (line,) = [c for c in DOCUMENTED if c.split()[1] == f"benchmarks/{script}"]
+    """The arguments of the documented command line of ``script`` (a file name)."""
+    (line,) = [c for c in DOCUMENTED if Path(c.split()[1]).name == script]
     return shlex.split(line)[2:]
+
+
+def benchmark_folder(script: str) -> Path:
+    """The folder of ``benchmarks/`` that holds ``script``: one folder per benchmark."""
+    (path,) = BENCHMARKS.glob(f"*/{script}")
+    return path.parent
 
 
 PAIRS = (
@@ -61,8 +67,9 @@ State = Dict[str, torch.Tensor]
 
 def _script(script: str) -> ModuleType:
     """A benchmark script as a module (its own imports find its sibling modules)."""
-    if str(BENCHMARKS) not in sys.path:
-        sys.path.insert(0, str(BENCHMARKS))
+    folder = str(benchmark_folder(script))
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
     return importlib.import_module(Path(script).stem)
 
 
@@ -140,7 +147,7 @@ def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
 
 @pytest.fixture
 def overhead_models(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(benchmark_folder("overhead_models.py")))
     return importlib.import_module("overhead_models")
 
 
@@ -259,7 +266,7 @@ MLP_SHAPES = {"0.weight": (6, 5), "0.bias": (6,), "2.weight": (3, 6), "2.bias": 
 
 @pytest.fixture
 def quality_merges(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(benchmark_folder("quality_merges.py")))
     return importlib.import_module("quality_merges")
 
 

@@ -1,6 +1,6 @@
 """Smoke test of the language-model quality benchmark at its tiny size.
 
-Runs ``benchmarks/quality_lm.py --size tiny`` (the line of ``docs/benchmarks.md``) in this process (imported via
+Runs ``benchmarks/quality_lm/quality_lm.py --size tiny`` (the line of ``docs/benchmarks.md``) in this process (imported via
 ``sys.path`` like the other benchmark tests) and checks the pipeline: every
 experiment, regime and merge method reported with finite losses, every expert
 evaluated, the JSON written, the checkpoints deleted. It asserts nothing about
@@ -17,9 +17,8 @@ from types import ModuleType
 from typing import Iterator
 
 import pytest
-from test_benchmarks import documented_arguments
+from test_benchmarks import benchmark_folder, documented_arguments
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 EXPERIMENTS = ("three-domain", "one-domain")
 REGIMES = ("epochs", "steps")
 DOMAINS = ("c-headers", "licences", "package-docs")
@@ -27,7 +26,7 @@ DOMAINS = ("c-headers", "licences", "package-docs")
 
 @pytest.fixture
 def quality_lm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.syspath_prepend(str(benchmark_folder("quality_lm.py")))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
     import torch

@@ -26,7 +26,7 @@ whole model; delta and weights, p = 1), ``ties`` and ``ties+nan``.
 Modules: ``quality_data`` (data and training), ``quality_merges`` (the
 merges), ``quality_report`` (tables); this file runs them.
 
-Run: ``python benchmarks/quality.py`` (about two minutes on two CPU cores).
+Run: ``python benchmarks/quality/quality.py`` (about two minutes on two CPU cores).
 """
 
 from __future__ import annotations

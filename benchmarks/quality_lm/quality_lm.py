@@ -42,7 +42,7 @@ models are small, so a second thread gains little (about 1.4x on a quiet
 2-core machine), while OpenMP threads that wait for a busy core slow every step
 several-fold; one thread keeps the timing stable on a shared machine.
 
-Run: ``python benchmarks/quality_lm.py`` (``--size full``, 3 seeds: about an
+Run: ``python benchmarks/quality_lm/quality_lm.py`` (``--size full``, 3 seeds: about an
 hour on one core; or about 45 minutes on two, as ``--regime epochs`` and
 ``--regime steps`` side by side, each with ``--json``, printed together by
 ``--combine``); ``--size small`` for development (a few minutes);
@@ -115,7 +115,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     train.quiet_transformers()
     # Runs of one regime or experiment get their own default directory, so they can run side by side.
     parts = [args.size] + [part for part in (args.regime, args.experiment) if part != "both"]
-    default = Path(__file__).parent / ".cache" / f"quality_lm-{'-'.join(parts)}"
+    default = Path(__file__).resolve().parent.parent / ".cache" / f"quality_lm-{'-'.join(parts)}"
     work = (args.out or default).resolve()
     created = not work.exists()
     work.mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ read of the same in-memory tensors (one float32 reduction over each).
 
 The built checkpoints are deleted at the end unless ``--keep`` is given.
 
-Run: ``python benchmarks/overhead.py`` (``--size tiny`` for a quick check;
+Run: ``python benchmarks/overhead/overhead.py`` (``--size tiny`` for a quick check;
 ``--cuda`` passes ``--cuda`` to the merges and times the coefficient pass on
 the GPU, and needs a CUDA device). ``--size-table A.json B.json ...`` prints
 peak RSS against model size from the ``--json`` files of earlier runs.
@@ -53,7 +53,7 @@ from overhead_models import FAMILIES, build_family, family_root  # noqa: E402
 from overhead_report import Measurement, machine, report, size_table  # noqa: E402
 from overhead_runs import run_merge, warm_page_cache  # noqa: E402
 
-DEFAULT_CACHE = Path(__file__).resolve().parent / ".cache"
+DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
 COMMON_FLAGS = ("--no-copy-tokenizer", "--no-write-model-card")
 
 

@@ -16,9 +16,9 @@ Then the ``--top`` functions by own time. The profiler itself slows Python-heavy
 code down, so the seconds are for comparing steps, not for the overhead ratio
 (``overhead.py`` measures that without a profiler). A sampling profiler gives a
 second opinion: ``py-spy record --format raw -o out.txt -- python
-benchmarks/overhead_profile.py --recipes nan``.
+benchmarks/overhead/overhead_profile.py --recipes nan``.
 
-Run: ``python benchmarks/overhead_profile.py --size 134m --recipes "nan (no base)" "linear (no base)"``.
+Run: ``python benchmarks/overhead/overhead_profile.py --size 134m --recipes "nan (no base)" "linear (no base)"``.
 """
 
 from __future__ import annotations
