@@ -119,6 +119,19 @@ def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_p
     assert snapshot(earlier) == before and leftovers(earlier) == []
 
 
+def test_a_terminated_merge_says_one_line_exits_143_and_leaves_nothing(family, earlier, tmp_path):
+    recipe = write_recipe(tmp_path / "nan.yml", family)
+    before = snapshot(earlier)
+    arguments = merge_arguments(recipe, earlier, "--overwrite")
+    child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
+    wait_for(tmp_path / STALL_MARKER, child)
+    os.kill(child.process.pid, signal.SIGTERM)  # what kill, timeout and job schedulers send
+    assert child.wait() == 143, child.output
+    assert child.output.strip().splitlines()[-1] == f"Terminated: {earlier} was left as it was."
+    assert "Traceback" not in child.output
+    assert snapshot(earlier) == before and leftovers(earlier) == []  # no partial directory
+
+
 def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
     recipe = write_recipe(tmp_path / "nan.yml", family)
     before = snapshot(earlier)

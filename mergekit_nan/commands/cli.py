@@ -306,6 +306,7 @@ def merge_command(
     from mergekit.common import parse_kmb
 
     from mergekit_nan.commands.inspect import load_recipe
+    from mergekit_nan.commands.interrupts import Terminated, stopped_by_signals
     from mergekit_nan.commands.merge import merge_recipe
     from mergekit_nan.commands.output import OutputNotEmpty, leftovers
     from mergekit_nan.doctor.guard import suspended
@@ -338,7 +339,8 @@ def merge_command(
         options.apply_global_options()
     source = Path(config_file).read_text(encoding="utf-8")
     try:
-        with suspended():  # the preflight has reported every finding already
+        # The preflight has reported every finding already; SIGTERM unwinds like Ctrl-C.
+        with suspended(), stopped_by_signals():
             result = merge_recipe(
                 load_recipe(config_file),
                 out_path,
@@ -352,6 +354,9 @@ def merge_command(
     except KeyboardInterrupt:
         click.echo(f"Interrupted: {out_path} was left as it was.", err=True)
         raise click.exceptions.Exit(130) from None
+    except Terminated:
+        click.echo(f"Terminated: {out_path} was left as it was.", err=True)
+        raise click.exceptions.Exit(Terminated.exit_status) from None
     except click.ClickException as error:
         raise click.ClickException(f"{error.message}; {out_path} was left as it was") from None
     except Exception as error:
