@@ -251,8 +251,9 @@ def write_plot(path: str, summary: Summary) -> None:
         losses = [s.loss for s in column]
         errors = [[s.loss - s.low for s in column], [s.high - s.loss for s in column]]
         colors = ["tab:gray" if i == summary.baseline else "tab:blue" for i in range(len(labels))]
-        axis.errorbar(losses, range(len(labels)), xerr=errors, fmt="none", ecolor=colors, capsize=3)
-        axis.scatter(losses, range(len(labels)), c=colors, zorder=3)
+        for row, (loss, color) in enumerate(zip(losses, colors)):
+            xerr = [[errors[0][row]], [errors[1][row]]]
+            axis.errorbar([loss], [row], xerr=xerr, fmt="o", color=color, capsize=3)
         axis.axvline(column[summary.baseline].loss, color="tab:gray", linestyle=":", linewidth=1)
         axis.set_yticks(range(len(labels)), labels)
         axis.invert_yaxis()
