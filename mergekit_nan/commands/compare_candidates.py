@@ -261,7 +261,8 @@ def build_candidates(
     if inputs:
         base = recipe.get("base_model")
         if base is not None:
-            add(Candidate(f"base {_short(str(base))}", "input", model=str(base)))
+            name = _short(str(base))
+            add(Candidate("base" if name == "base" else f"base {name}", "input", model=str(base)))
         for entry in _model_entries(recipe):
             name = _name(entry)
             if base is not None and name == str(base):
