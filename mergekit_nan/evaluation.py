@@ -35,6 +35,9 @@ __all__ = [
     "resampled_sums",
 ]
 
+POSITIONS_AT_ONCE = 256
+"""Positions whose log-probabilities :func:`document_losses` computes at once."""
+
 _CHUNK_ELEMENTS = 1 << 22
 """Resample-by-document weights built at once (32 MiB of float64)."""
 
@@ -66,17 +69,22 @@ def document_losses(
 
     ``logits`` is ``(batch, positions, vocabulary)`` for ``input_ids``
     ``(batch, positions)``; row ``b`` holds a document of ``lengths[b]`` tokens
-    from position 0 (anything after it is padding and ignored). Log-probabilities in
-    float32 (or the logits' wider dtype) as ``logsumexp - logit``, sums in float64.
+    from position 0 (anything after it is padding and ignored). Each token's
+    ``-log p = logsumexp(logits) - logit(target)`` in float32 (or the logits'
+    wider dtype), :data:`POSITIONS_AT_ONCE` positions at a time (temporaries of
+    that many rows of the vocabulary, whatever the batch), summed in float64.
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    predicting = logits[:, :-1].to(dtype)
-    targets = input_ids[:, 1:].to(predicting.device).unsqueeze(-1)
-    # -log p(target) = logsumexp(logits) - logit(target): no log-softmax tensor kept.
-    token_nll = torch.logsumexp(predicting, dim=-1) - predicting.gather(-1, targets).squeeze(-1)
+    targets = input_ids.to(logits.device)
     sums, counts = [], []
     for row, length in enumerate(lengths):
-        sums.append(float(token_nll[row, : length - 1].to(torch.float64).sum()))
+        total = torch.zeros((), dtype=torch.float64, device=logits.device)
+        for start in range(0, length - 1, POSITIONS_AT_ONCE):
+            end = min(start + POSITIONS_AT_ONCE, length - 1)
+            piece = logits[row, start:end].to(dtype)
+            chosen = piece.gather(-1, targets[row, start + 1 : end + 1].unsqueeze(-1)).squeeze(-1)
+            total += (torch.logsumexp(piece, dim=-1) - chosen).to(torch.float64).sum()
+        sums.append(float(total))
         counts.append(length - 1)
     return sums, counts
 

@@ -451,7 +451,7 @@ def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
 @click.option(
     "--batch-tokens",
     type=click.IntRange(min=1),
-    default=4096,
+    default=1024,
     show_default=True,
     help="Padded tokens per evaluation batch",
 )

@@ -64,7 +64,7 @@ class CompareSettings:
 
     max_length: int = 1024
     max_documents: Optional[int] = None
-    batch_tokens: int = 4096
+    batch_tokens: int = 1024
     seed: int = 0
     resamples: int = 1000
     work_dir: Optional[str] = None
@@ -358,6 +358,14 @@ def merge_candidate(
                 run_merge(config, str(partial), options=options, config_source=source)
 
 
+def _forget_inputs() -> None:
+    """Close mergekit's cached input readers (their mapped pages) before evaluating."""
+    from mergekit.io.tasks import LoaderCache
+
+    LoaderCache().flush_all()
+    LoaderCache().loaders.clear()
+
+
 @contextlib.contextmanager
 def _scratch(work_dir: Optional[str]):
     with tempfile.TemporaryDirectory(prefix="mergekit-nan-compare-", dir=work_dir) as directory:
@@ -396,6 +404,7 @@ def run_compare(
             echo(f"[{number}/{count}] {candidate.label}: merging and evaluating")
             with _scratch(settings.work_dir) as scratch:
                 merge_candidate(candidate, str(scratch / "model"), options)
+                _forget_inputs()
                 sums = evaluate_model(
                     str(scratch / "model"),
                     prepared.files,
