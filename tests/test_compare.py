@@ -20,7 +20,7 @@ import yaml
 from conftest import load_model_tensors, run_mergekit_yaml
 from stock import run_command
 
-from mergekit_nan.commands import compare as compare_module
+from mergekit_nan.commands import compare_score
 from mergekit_nan.doctor.heldout import DataError, load_documents
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 
@@ -395,7 +395,7 @@ def test_ctrl_c_while_evaluating_leaves_no_model_and_no_file(workspace, tmp_path
         assert Path(path).is_dir()  # the merged model exists while it is evaluated
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compare_module, "evaluate_model", interrupted)
+    monkeypatch.setattr(compare_score, "evaluate_model", interrupted)
     result = _compare(workspace, "--data", "a.txt", "--json", str(tmp_path / "o.json"),
                       "--work-dir", str(tmp_path), "-q")  # fmt: skip
     assert result.returncode == 130

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
+from mergekit_nan.commands.compare_options import compare_options
+
 __all__ = ["main"]
 
 
@@ -407,103 +409,9 @@ def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
 
 @main.command("compare")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@click.option(
-    "--data",
-    multiple=True,
-    required=True,
-    help="Held-out documents: .txt (a line each), .jsonl (text or messages), .parquet, .csv "
-    "or a saved datasets directory (a text column); repeat for several files",
-)
-@click.option("--exponent", default=None, help="Also merge with these nan_exponent values (1,0,-1)")
-@click.option("--lambda", "lambdas", default=None, help="Also merge with these lambda values")
-@click.option(
-    "--granularity", default=None, help="Also merge at these granularities (tensor,layer,model)"
-)
-@click.option("--against", multiple=True, help="Another recipe over the same models (repeatable)")
-@click.option("--inputs", is_flag=True, help="Also evaluate the base and every input model alone")
-@click.option(
-    "--max-length",
-    type=click.IntRange(min=2),
-    default=1024,
-    show_default=True,
-    help="Tokens kept per document",
-)
-@click.option(
-    "--max-documents",
-    type=click.IntRange(min=1),
-    default=None,
-    help="A seeded sample of at most this many documents per file",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Seed of the bootstrap, the half split and --max-documents",
-)
-@click.option(
-    "--bootstrap",
-    type=click.IntRange(min=10),
-    default=1000,
-    show_default=True,
-    help="Bootstrap resamples",
-)
-@click.option(
-    "--batch-tokens",
-    type=click.IntRange(min=1),
-    default=1024,
-    show_default=True,
-    help="Padded tokens per evaluation batch",
-)
-@click.option("--json", "json_file", default=None, help="Write every number to this JSON file")
-@click.option("--csv", "csv_file", default=None, help="Write the table to this CSV file")
-@click.option("--plot", "plot_file", default=None, help="Write a PNG of the losses (matplotlib)")
-@click.option(
-    "--keep",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Write the winning merge here, as mergekit-nan merge would",
-)
-@click.option("--overwrite", is_flag=True, help="Let --keep replace a non-empty directory")
-@click.option(
-    "--work-dir",
-    type=click.Path(file_okay=False, exists=True),
-    default=None,
-    help="Where each merge lives while it is evaluated [default: the temp directory]",
-)
-@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)")
-@click.option("--device", default=None, help="Merge and evaluate on this device (e.g. cuda:0)")
-@click.option("--cuda", is_flag=True, help="Merge and evaluate on the GPU(s)")
-@click.option("--multi-gpu", is_flag=True, help="Merge with mergekit's multi-GPU executor")
-@click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models")
-@click.option("--transformers-cache", default=None, help="Hugging Face cache directory")
-@click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)")
-@click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars")
-@click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks")
+@compare_options
 @_reported
-def compare_command(
-    config_file: str,
-    data: Tuple[str, ...],
-    exponent: Optional[str],
-    lambdas: Optional[str],
-    granularity: Optional[str],
-    against: Tuple[str, ...],
-    inputs: bool,
-    max_length: int,
-    max_documents: Optional[int],
-    seed: int,
-    bootstrap: int,
-    batch_tokens: int,
-    json_file: Optional[str],
-    csv_file: Optional[str],
-    plot_file: Optional[str],
-    keep: Optional[str],
-    overwrite: bool,
-    work_dir: Optional[str],
-    random_seed: Optional[int],
-    **arguments: Any,
-) -> None:
+def compare_command(config_file: str, **arguments: Any) -> None:
     """Does NAN help? Merge CONFIG_FILE and its baseline without NAN (and any sweeps),
     score each on held-out --data and say which is better, with bootstrap intervals.
 
@@ -516,26 +424,28 @@ def compare_command(
     from mergekit_nan.commands.compare_run import CompareOutputs, Sweeps, compare, plan_comparison
     from mergekit_nan.commands.output import OutputNotEmpty
 
-    _check_writable(json_file, csv_file, plot_file)
-    if plot_file:
+    a = arguments
+    keep = a["keep"]
+    _check_writable(a["json_file"], a["csv_file"], a["plot_file"])
+    if a["plot_file"]:
         report.require_matplotlib()
-    _preflight(config_file, arguments, out_path=keep, ignore=("output-not-empty",))
-    for other in against:
-        _preflight(other, arguments)
-    if keep and os.path.isdir(keep) and any(os.scandir(keep)) and not overwrite:
+    _preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
+    for other in a["against"]:
+        _preflight(other, a)
+    if keep and os.path.isdir(keep) and any(os.scandir(keep)) and not a["overwrite"]:
         raise OutputNotEmpty(
             f"--keep directory {keep} is not empty; pass --overwrite to replace it"
         )
-    settings = CompareSettings(max_length, max_documents, batch_tokens, seed, bootstrap, work_dir)
+    settings = CompareSettings(
+        a["max_length"], a["max_documents"], a["batch_tokens"], a["seed"], a["bootstrap"],
+        a["work_dir"],
+    )  # fmt: skip
+    sweeps = Sweeps(a["exponent"], a["lambdas"], a["granularity"], a["against"], a["inputs"])
     prepared = plan_comparison(
-        config_file,
-        data,
-        Sweeps(exponent, lambdas, granularity, against, inputs),
-        settings,
-        trust_remote_code=arguments["trust_remote_code"],
+        config_file, a["data"], sweeps, settings, trust_remote_code=a["trust_remote_code"]
     )
-    options = _merge_options(arguments).model_copy(update={"random_seed": random_seed})
-    outputs = CompareOutputs(json_file, csv_file, plot_file, keep, overwrite)
+    options = _merge_options(a).model_copy(update={"random_seed": a["random_seed"]})
+    outputs = CompareOutputs(a["json_file"], a["csv_file"], a["plot_file"], keep, a["overwrite"])
     try:
         compare(prepared, options, settings, outputs, echo=click.echo)
     except KeyboardInterrupt:
