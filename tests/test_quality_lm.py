@@ -139,3 +139,20 @@ def test_quality_lm_tiny(
         line for line in combined.splitlines() if line.startswith("### ") and "regime" in line
     ]
     assert headings == [f"### {e}, regime {r}" for e in EXPERIMENTS for r in REGIMES]
+
+
+def test_compare_step_scores_the_bytes_the_models_were_trained_on(
+    quality_lm: ModuleType, tmp_path: Path
+) -> None:
+    """--compare's held-out pieces, read and tokenized as compare does, are the original bytes."""
+    from mergekit_nan.doctor.heldout import load_documents
+
+    step = importlib.import_module("quality_lm_compare")
+    documents = [bytes(range(256)) * 2 + b"\xff\xfe tail", b"short\n\tline\r\n"]
+    pieces = step.held_out_file(tmp_path / "test.jsonl", documents, context=100)
+    assert pieces == 7
+    tokenizer = step.byte_tokenizer()
+    read = load_documents(str(tmp_path / "test.jsonl"))
+    ids = [tokenizer(d.text)["input_ids"] for d in read]
+    expected = [doc[start : start + 100] for doc in documents for start in range(0, len(doc), 100)]
+    assert ids == [list(piece) for piece in expected]

@@ -47,7 +47,9 @@ hour on one core; or about 45 minutes on two, as ``--regime epochs`` and
 ``--regime steps`` side by side, each with ``--json``, printed together by
 ``--combine``); ``--size small`` for development (a few minutes);
 ``--size tiny`` checks the pipeline in seconds (its numbers mean nothing).
-Checkpoints go to ``--out`` (default ``benchmarks/.cache/quality_lm-SIZE[-REGIME]``) and
+``--compare`` adds a step to each three-domain experiment: ``mergekit-nan compare``
+on its experts and test split, beside the benchmark's own numbers
+(``quality_lm_compare``). Checkpoints go to ``--out`` (default ``benchmarks/.cache/quality_lm-SIZE[-REGIME]``) and
 are deleted at the end unless ``--keep``, which keeps the base, the experts
 and every recipe (merged checkpoints are deleted as soon as they are read).
 """
@@ -88,6 +90,12 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
     parser.add_argument("--keep", action="store_true", help="keep base, experts and recipes")
     parser.add_argument(
+        "--compare",
+        action="store_true",
+        help="also run mergekit-nan compare on each three-domain experiment's experts and "
+        "test split (nan at its chosen lambda, --exponent -1)",
+    )
+    parser.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -124,7 +132,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         try:
-            run = Run(settings, work, args.pair_domain)
+            run = Run(settings, work, args.pair_domain, compare=args.compare)
         except data.CorpusError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

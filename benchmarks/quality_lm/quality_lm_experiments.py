@@ -38,6 +38,7 @@ import quality_lm_data as data
 import quality_lm_merges as merges
 import quality_lm_train as train
 import torch
+from quality_lm_compare import NAN_TENSOR, CompareStep, compare_entry
 from quality_lm_report import ExpertRecord, MergeCheck, Record
 
 EXPERIMENTS: Tuple[str, ...] = ("three-domain", "one-domain")
@@ -99,8 +100,12 @@ def _slug(text: str) -> str:
 class Run:
     """One benchmark run: corpora, the shared base, the merger and the record."""
 
-    def __init__(self, settings: train.Settings, work: Path, pair_domain: str) -> None:
+    def __init__(
+        self, settings: train.Settings, work: Path, pair_domain: str, compare: bool = False
+    ) -> None:
         self.settings = settings
+        self.compare = CompareStep(settings.context) if compare else None
+        """With ``--compare``: ``mergekit-nan compare`` after each three-domain experiment."""
         self.work = work
         self.pair_domain = pair_domain
         self.started = time.perf_counter()
@@ -309,6 +314,28 @@ class Run:
                 f"seed {seed} {experiment} {regime}: {method.label}: lambda {lam:g}, "
                 f"validation {val:.4f}"
             )
+        if self.compare is not None and experiment == "three-domain":
+            self._compare(regime, seed, experts, domains)
+
+    def _compare(
+        self, regime: str, seed: int, experts: Sequence[Expert], domains: Sequence[str]
+    ) -> None:
+        """``mergekit-nan compare`` on the experts: nan (tensor, p=1) at its chosen lambda."""
+        lam = self.record.lambdas[("three-domain", regime, NAN_TENSOR)][seed]
+        begin = time.perf_counter()
+        found = self.compare.run(
+            self.work / f"seed{seed}" / "three-domain" / regime / "compare",
+            self.base_path,
+            [e.path for e in experts],
+            {d: self.corpora.domains[d].splits["test"] for d in domains},
+            lam,
+            seed,
+        )
+        entry = compare_entry(found, regime, seed, lam, list(domains))
+        entry["seconds"] = time.perf_counter() - begin
+        self.record.compare.append(entry)
+        for line in entry["verdicts"]:
+            self.log(f"seed {seed} three-domain {regime}: compare: {line}")
 
     def three_domain(self, regime: str, seed: int) -> None:
         """One expert per domain; the volumes 1:4:16 rotate across the domains with the seed."""

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+from quality_lm_compare import compare_table
 from quality_lm_merges import UNIFORM, spearman
 
 Key = Tuple[str, str, str]
@@ -87,6 +88,8 @@ class Record:
     corpora: Dict[str, Dict[str, object]] = field(default_factory=dict)
     failures: List[str] = field(default_factory=list)
     """Experts that did not beat the base on their own domain by the size's ``min_gain``."""
+    compare: List[Dict[str, object]] = field(default_factory=list)
+    """``mergekit-nan compare``'s findings per regime and seed (``--compare``)."""
 
     def add_loss(self, key: Key, domain: str, seed: int, value: float) -> None:
         self.losses.setdefault((*key, domain), {})[seed] = value
@@ -337,6 +340,9 @@ def report(record: Record, header: Header) -> str:
     minimum = header.settings.get("min_gain")
     minimum = float(minimum) if isinstance(minimum, (int, float)) else None
     lines += [gain_line(record, minimum), "", check_line(record)]
+    if record.compare:
+        lines += ["", "### mergekit-nan compare on the experts and the test split", ""]
+        lines += compare_table(record)
     return "\n".join(lines)
 
 
@@ -369,6 +375,7 @@ def to_json(record: Record, header: Header) -> Dict[str, object]:
         "experts": [dataclasses.asdict(x) for x in record.experts],
         "checks": [dataclasses.asdict(c) for c in record.checks],
         "failures": record.failures,
+        "compare": record.compare,
     }
 
 
@@ -394,6 +401,7 @@ def from_json(payloads: Sequence[Dict[str, object]]) -> Tuple[Record, Header]:
         record.experts += [ExpertRecord(**x) for x in payload["experts"]]
         record.checks += [MergeCheck(**c) for c in payload["checks"]]
         record.failures += payload["failures"]
+        record.compare += payload.get("compare", [])
     experiments = list(dict.fromkeys(e for e, _, _, _ in record.losses))
     regimes = list(dict.fromkeys(r for _, r, _, _ in record.losses))
     record.losses = dict(

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import click
 
+from mergekit_nan.commands.compare_options import compare_options
 from mergekit_nan.commands.options import merge_options, mergekit_options, writing_options
 
 __all__ = ["main"]
@@ -384,3 +385,49 @@ def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
     from mergekit_nan.commands.demo import run_demo
 
     run_demo(None if out is None else Path(out), keep=keep, echo=click.echo)
+
+
+@main.command("compare")
+@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
+@compare_options
+@_reported
+def compare_command(config_file: str, **arguments: Any) -> None:
+    """Does NAN help? Merge CONFIG_FILE and its baseline without NAN (and any sweeps),
+    score each on held-out --data and say which is better, with bootstrap intervals.
+
+    Each candidate is merged once by mergekit, evaluated in batches and deleted
+    (one merged model on disk at a time); nothing is merged before every model,
+    tokenizer and data file has been checked.
+    """
+    from mergekit_nan.commands import report
+    from mergekit_nan.commands.compare import CompareSettings
+    from mergekit_nan.commands.compare_run import CompareOutputs, Sweeps, compare, plan_comparison
+    from mergekit_nan.commands.output import OutputNotEmpty
+
+    a = arguments
+    keep = a["keep"]
+    _check_writable(a["json_file"], a["csv_file"], a["plot_file"])
+    if a["plot_file"]:
+        report.require_matplotlib()
+    _preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
+    for other in a["against"]:
+        _preflight(other, a)
+    if keep and os.path.isdir(keep) and any(os.scandir(keep)) and not a["overwrite"]:
+        raise OutputNotEmpty(
+            f"--keep directory {keep} is not empty; pass --overwrite to replace it"
+        )
+    settings = CompareSettings(
+        a["max_length"], a["max_documents"], a["batch_tokens"], a["seed"], a["bootstrap"],
+        a["work_dir"],
+    )  # fmt: skip
+    sweeps = Sweeps(a["exponent"], a["lambdas"], a["granularity"], a["against"], a["inputs"])
+    prepared = plan_comparison(
+        config_file, a["data"], sweeps, settings, trust_remote_code=a["trust_remote_code"]
+    )
+    options = merge_options(a).model_copy(update={"random_seed": a["random_seed"]})
+    outputs = CompareOutputs(a["json_file"], a["csv_file"], a["plot_file"], keep, a["overwrite"])
+    try:
+        compare(prepared, options, settings, outputs, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: no merged model and no output file was left.", err=True)
+        raise click.exceptions.Exit(130) from None

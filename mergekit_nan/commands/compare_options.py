@@ -1,0 +1,110 @@
+"""The options of ``mergekit-nan compare`` (click only: imported when the CLI starts)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import click
+
+__all__ = ["compare_options"]
+
+
+def compare_options(command: Callable) -> Callable:
+    """Apply every option of ``mergekit-nan compare`` to ``command``."""
+    options = [
+        click.option(
+            "--data",
+            multiple=True,
+            required=True,
+            help="Held-out documents: .txt (a line each), .jsonl (text or messages), .parquet, .csv "
+            "or a saved datasets directory (a text column); repeat for several files",
+        ),
+        click.option(
+            "--exponent", default=None, help="Also merge with these nan_exponent values (1,0,-1)"
+        ),
+        click.option(
+            "--lambda", "lambdas", default=None, help="Also merge with these lambda values"
+        ),
+        click.option(
+            "--granularity",
+            default=None,
+            help="Also merge at these granularities (tensor,layer,model)",
+        ),
+        click.option(
+            "--against", multiple=True, help="Another recipe over the same models (repeatable)"
+        ),
+        click.option(
+            "--inputs", is_flag=True, help="Also evaluate the base and every input model alone"
+        ),
+        click.option(
+            "--max-length",
+            type=click.IntRange(min=2),
+            default=1024,
+            show_default=True,
+            help="Tokens kept per document",
+        ),
+        click.option(
+            "--max-documents",
+            type=click.IntRange(min=1),
+            default=None,
+            help="A seeded sample of at most this many documents per file",
+        ),
+        click.option(
+            "--seed",
+            type=int,
+            default=0,
+            show_default=True,
+            help="Seed of the bootstrap, the half split and --max-documents",
+        ),
+        click.option(
+            "--bootstrap",
+            type=click.IntRange(min=10),
+            default=1000,
+            show_default=True,
+            help="Bootstrap resamples",
+        ),
+        click.option(
+            "--batch-tokens",
+            type=click.IntRange(min=1),
+            default=1024,
+            show_default=True,
+            help="Padded tokens per evaluation batch",
+        ),
+        click.option(
+            "--json", "json_file", default=None, help="Write every number to this JSON file"
+        ),
+        click.option("--csv", "csv_file", default=None, help="Write the table to this CSV file"),
+        click.option(
+            "--plot", "plot_file", default=None, help="Write a PNG of the losses (matplotlib)"
+        ),
+        click.option(
+            "--keep",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="Write the winning merge here, as mergekit-nan merge would",
+        ),
+        click.option("--overwrite", is_flag=True, help="Let --keep replace a non-empty directory"),
+        click.option(
+            "--work-dir",
+            type=click.Path(file_okay=False, exists=True),
+            default=None,
+            help="Where each merge lives while it is evaluated [default: the temp directory]",
+        ),
+        click.option(
+            "--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)"
+        ),
+        click.option(
+            "--device", default=None, help="Merge and evaluate on this device (e.g. cuda:0)"
+        ),
+        click.option("--cuda", is_flag=True, help="Merge and evaluate on the GPU(s)"),
+        click.option("--multi-gpu", is_flag=True, help="Merge with mergekit's multi-GPU executor"),
+        click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
+        click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
+        click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
+        click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures"),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bars"),
+        click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks"),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command

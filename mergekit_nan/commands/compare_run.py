@@ -1,0 +1,138 @@
+"""``mergekit-nan compare``'s steps in order, behind the click command.
+
+Everything that can be wrong (sweep values, recipes, models, tokenizers,
+data files) is found by :func:`plan_comparison` before the first merge;
+:func:`compare` then merges and evaluates, writes the requested files (each
+whole or not at all) and, with ``keep``, the winner as a model through the
+same atomic path as ``mergekit-nan merge``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Sequence, Tuple
+
+import yaml
+from mergekit import merge_methods
+from mergekit.options import MergeOptions
+
+from mergekit_nan.commands import compare_report
+from mergekit_nan.commands.compare import CompareSettings, Prepared, prepare
+from mergekit_nan.commands.compare_candidates import build_candidates, parse_values
+from mergekit_nan.commands.compare_score import merge_candidate, run_compare
+from mergekit_nan.commands.compare_summary import Summary, summarize
+from mergekit_nan.commands.report import write_files
+from mergekit_nan.doctor.heldout import check_distinct
+from mergekit_nan.parameters import NAN_GRANULARITIES
+from mergekit_nan.registration import register_methods
+
+__all__ = ["CompareOutputs", "Sweeps", "compare", "plan_comparison"]
+
+
+@dataclass(frozen=True)
+class Sweeps:
+    """The command's candidate options, as typed (comma-separated values)."""
+
+    exponents: Optional[str] = None
+    lambdas: Optional[str] = None
+    granularities: Optional[str] = None
+    against: Tuple[str, ...] = ()
+    inputs: bool = False
+
+
+@dataclass(frozen=True)
+class CompareOutputs:
+    """Where to write the JSON, CSV, plot and the winning model (None: not written)."""
+
+    json_file: Optional[str] = None
+    csv_file: Optional[str] = None
+    plot_file: Optional[str] = None
+    keep: Optional[str] = None
+    overwrite: bool = False
+
+
+def _read(path: str) -> Dict:
+    with open(path, encoding="utf-8") as file:
+        data = yaml.safe_load(file)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} is not a mergekit recipe (expected a YAML mapping)")
+    return data
+
+
+def _takes_lambda(method_name: str) -> bool:
+    register_methods()
+    method = merge_methods.get(method_name)
+    return any(p.name == "lambda" for p in method.spec.parameters)
+
+
+def plan_comparison(
+    config_file: str,
+    data: Sequence[str],
+    sweeps: Sweeps,
+    settings: CompareSettings,
+    *,
+    trust_remote_code: bool = False,
+) -> Prepared:
+    """Candidates built, models, tokenizers and data checked, documents tokenized."""
+    check_distinct(data)
+    granularities = parse_values("--granularity", sweeps.granularities, str)
+    for value in granularities:
+        if value not in NAN_GRANULARITIES:
+            raise ValueError(
+                f"--granularity: {value!r} is not one of {', '.join(NAN_GRANULARITIES)}"
+            )
+    recipe = _read(config_file)
+    candidates = build_candidates(
+        recipe,
+        exponents=parse_values("--exponent", sweeps.exponents, float),
+        lambdas=parse_values("--lambda", sweeps.lambdas, float),
+        granularities=granularities,
+        against=[(os.path.basename(path), _read(path)) for path in sweeps.against],
+        inputs=sweeps.inputs,
+        takes_lambda=_takes_lambda(str(recipe.get("merge_method"))),
+    )
+    return prepare(candidates, data, settings, trust_remote_code=trust_remote_code)
+
+
+def compare(
+    prepared: Prepared,
+    options: MergeOptions,
+    settings: CompareSettings,
+    outputs: CompareOutputs,
+    *,
+    echo: Callable[[str], None] = print,
+) -> Summary:
+    """Merge and evaluate every candidate, print the table and verdicts, write the outputs."""
+    for note in prepared.candidates.skipped:
+        echo(f"note: left out {note}")
+    if prepared.candidates.dropped:
+        echo(
+            "note: the baseline drops the weight priors of "
+            + ", ".join(prepared.candidates.dropped)
+        )
+    losses = run_compare(prepared, options, settings, echo=echo)
+    summary = summarize(prepared, losses, seed=settings.seed, resamples=settings.resamples)
+    files: Dict[str, Callable[[str], None]] = {}
+    if outputs.json_file:
+        files[outputs.json_file] = lambda path: compare_report.write_json(path, summary)
+    if outputs.csv_file:
+        files[outputs.csv_file] = lambda path: compare_report.write_csv(path, summary)
+    if outputs.plot_file:
+        files[outputs.plot_file] = lambda path: compare_report.write_plot(path, summary)
+    write_files(files)
+    echo("")
+    echo(compare_report.format_table(summary))
+    echo("")
+    for line in compare_report.verdict_lines(summary):
+        echo(line)
+    if outputs.keep:
+        winner = summary.candidates[summary.winner]
+        echo(f"Writing the winner, {winner.label}, to {outputs.keep}")
+        merge_candidate(winner, outputs.keep, options, keep=True, overwrite=outputs.overwrite)
+    for path in files:
+        echo(f"Wrote {path}")
+    if outputs.keep:
+        echo(f"Wrote {Path(outputs.keep)}")
+    return summary

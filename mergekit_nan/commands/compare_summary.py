@@ -1,0 +1,226 @@
+"""What ``mergekit-nan compare`` found: losses, intervals, differences, the pick, the regime.
+
+Built by :func:`summarize` from every candidate's document losses with
+:mod:`mergekit_nan.evaluation`'s statistics. Random streams, all from
+``seed``: one bootstrap stream per file (shared by every candidate, so
+differences are paired), one split stream per file (the half-split pick), one
+bootstrap stream per file for the report halves. "Overall" pools the
+documents of every file: total NLL over total tokens, resampled within each
+file (a stratified bootstrap).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
+
+import torch
+
+from mergekit_nan.commands.compare import Prepared
+from mergekit_nan.commands.compare_candidates import Candidate
+from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
+from mergekit_nan.parameters import NAN_EXPONENT
+
+__all__ = ["Difference", "Pick", "Score", "Summary", "summarize"]
+
+_BOOTSTRAP, _SPLIT, _REPORT = 0, 1, 2
+
+
+def _generator(seed: int, stream: int, file_index: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 7 + stream) * 100_003 + file_index)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A loss (nats/token) with its 95 % bootstrap interval."""
+
+    loss: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
+class Difference:
+    """Candidate minus baseline (nats/token; negative: the candidate is better), 95 % interval."""
+
+    diff: float
+    low: float
+    high: float
+
+    @property
+    def verdict(self) -> str:
+        """``better``, ``worse`` or ``unclear`` (the interval holds 0)."""
+        if self.high < 0:
+            return "better"
+        if self.low > 0:
+            return "worse"
+        return "unclear"
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The candidate the verdict is about, and its difference from the baseline.
+
+    ``split``: chosen on the selection halves (``selection[f]``: positions among
+    file f's scored documents) and measured on the others; else the recipe,
+    measured on every document.
+    """
+
+    index: int
+    split: bool
+    files: Tuple[Difference, ...]
+    overall: Difference
+    selection: Tuple[Tuple[int, ...], ...] = ()
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Every number of the comparison; ``[candidate][file]`` where indexed twice."""
+
+    prepared: Prepared
+    settings_seed: int
+    resamples: int
+    scores: Tuple[Tuple[Score, ...], ...]
+    overall: Tuple[Score, ...]
+    differences: Tuple[Tuple[Difference, ...], ...]
+    overall_differences: Tuple[Difference, ...]
+    pick: Pick
+    winner: int
+    regime: Optional[str]
+
+    @property
+    def candidates(self) -> Tuple[Candidate, ...]:
+        return self.prepared.candidates.candidates
+
+    @property
+    def baseline(self) -> int:
+        return self.prepared.candidates.baseline
+
+
+def _score(nll: torch.Tensor, tokens: torch.Tensor, loss: float) -> Score:
+    low, high = interval(nll / tokens)
+    return Score(loss, low, high)
+
+
+def _difference(draws: torch.Tensor, diff: float) -> Difference:
+    low, high = interval(draws)
+    return Difference(diff, low, high)
+
+
+def _stacked(losses: Sequence[Sequence[DocumentLosses]], file_index: int) -> DocumentLosses:
+    rows = [candidate[file_index] for candidate in losses]
+    return DocumentLosses(torch.stack([r.nll for r in rows]), rows[0].tokens)
+
+
+def _exponent(candidate: Candidate) -> Optional[float]:
+    if candidate.kind == "exponent":
+        return float(candidate.value)
+    if candidate.kind == "recipe" and candidate.recipe is not None:
+        value = (candidate.recipe.get("parameters") or {}).get(NAN_EXPONENT.name, 1.0)
+        return float(value) if isinstance(value, (int, float)) else None
+    return None
+
+
+def _regime(
+    candidates: Sequence[Candidate], loss_draws: torch.Tensor, losses: torch.Tensor
+) -> Optional[str]:
+    """What the exponent sweep says about NAN's premise (None without both signs)."""
+    exponents = [(e, i) for i, c in enumerate(candidates) if (e := _exponent(c)) is not None]
+    if not any(e < 0 for e, _ in exponents) or not any(e > 0 for e, _ in exponents):
+        return None
+    low_e, low = min(exponents)
+    high_e, high = max(exponents)
+    found = _difference(loss_draws[low] - loss_draws[high], float(losses[low] - losses[high]))
+    between = (
+        f"nan_exponent {low_e:g} against {high_e:g}: {found.diff:+.4f} nats/token "
+        f"({found.low:+.4f} to {found.high:+.4f})"
+    )
+    if found.verdict == "better":
+        return (
+            f"The models look like the other regime: {between}. A larger update deserves a "
+            "larger weight here, against NAN's premise that it is the over-fit one."
+        )
+    if found.verdict == "worse":
+        return f"The models look like NAN's regime: {between}."
+    return f"The exponent sweep cannot tell the regimes apart: {between}."
+
+
+def summarize(
+    prepared: Prepared, losses: Sequence[Sequence[DocumentLosses]], *, seed: int, resamples: int
+) -> Summary:
+    """Every statistic of the module docstring, for ``losses[candidate][file]``."""
+    candidates = prepared.candidates.candidates
+    base = prepared.candidates.baseline
+    files = range(len(prepared.files))
+    stacked = [_stacked(losses, f) for f in files]
+    drawn = [
+        resampled_sums(s, resamples, _generator(seed, _BOOTSTRAP, f))
+        for s, f in zip(stacked, files)
+    ]
+    scores, differences = [], []
+    for s, (nll, tokens) in zip(stacked, drawn):
+        loss = s.loss()
+        draws = nll / tokens
+        scores.append([_score(nll[c], tokens, float(loss[c])) for c in range(len(candidates))])
+        differences.append(
+            [
+                _difference(draws[c] - draws[base], float(loss[c] - loss[base]))
+                for c in range(len(candidates))
+            ]
+        )
+    total_nll = sum(n for n, _ in drawn)
+    total_tokens = sum(t for _, t in drawn)
+    pooled = sum(s.nll.sum(dim=-1) for s in stacked) / sum(s.tokens.sum() for s in stacked)
+    pooled_draws = total_nll / total_tokens
+    overall = tuple(
+        _score(total_nll[c], total_tokens, float(pooled[c])) for c in range(len(candidates))
+    )
+    overall_differences = tuple(
+        _difference(pooled_draws[c] - pooled_draws[base], float(pooled[c] - pooled[base]))
+        for c in range(len(candidates))
+    )
+    merged = [i for i, c in enumerate(candidates) if c.merged]
+    if len(merged) > 2:
+        halves = [
+            half_split(s.tokens.numel(), _generator(seed, _SPLIT, f))
+            for s, f in zip(stacked, files)
+        ]
+        chosen = pick([s.subset(h[0]) for s, h in zip(stacked, halves)], merged)
+        reported = [s.subset(h[1]) for s, h in zip(stacked, halves)]
+        report_draws = [
+            resampled_sums(r, resamples, _generator(seed, _REPORT, f))
+            for r, f in zip(reported, files)
+        ]
+        per_file = []
+        for r, (nll, tokens) in zip(reported, report_draws):
+            loss = r.loss()
+            draws = nll / tokens
+            per_file.append(
+                _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
+            )
+        nll = sum(n for n, _ in report_draws)
+        tokens = sum(t for _, t in report_draws)
+        loss = sum(r.nll.sum(dim=-1) for r in reported) / sum(r.tokens.sum() for r in reported)
+        draws = nll / tokens
+        whole = _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
+        selection = tuple(tuple(int(i) for i in h[0]) for h in halves)
+        found = Pick(chosen, True, tuple(per_file), whole, selection)
+        winner = chosen
+    else:
+        recipe = 0
+        found = Pick(
+            recipe, False, tuple(d[recipe] for d in differences), overall_differences[recipe]
+        )
+        winner = min(merged, key=lambda i: (float(pooled[i]), i))
+    return Summary(
+        prepared,
+        seed,
+        resamples,
+        tuple(tuple(row[c] for row in scores) for c in range(len(candidates))),
+        overall,
+        tuple(tuple(row[c] for row in differences) for c in range(len(candidates))),
+        overall_differences,
+        found,
+        winner,
+        _regime(candidates, pooled_draws, pooled),
+    )
