@@ -132,10 +132,17 @@ def _preflight(
 
 
 def _inspect(config_file: str, arguments: Dict[str, Any]):
+    from mergekit_nan.commands.adapter_coefficients import adapter_inspection
     from mergekit_nan.commands.inspect import inspect_recipe, load_recipe
+    from mergekit_nan.doctor.adapters import adapter_recipe
+    from mergekit_nan.granularity import resolve_granularity
 
     _preflight(config_file, arguments)
     config = load_recipe(config_file)
+    adapters = adapter_recipe(config)
+    if adapters is not None:
+        granularity = resolve_granularity(config, arguments["granularity"])
+        return adapter_inspection(config, adapters, granularity)
     return inspect_recipe(
         config, granularity=arguments["granularity"], options=_merge_options(arguments)
     )
@@ -309,6 +316,19 @@ def check_command(
     is_flag=True,
     help="Replace a non-empty OUT_PATH (its content stays until the new model is complete)",
 )
+@click.option(
+    "--rank",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Adapter recipes: cut each merged LoRA module to this rank (QR and SVD of the "
+    "factors) and report the fraction of its Frobenius norm kept",
+)
+@click.option(
+    "--full-model",
+    is_flag=True,
+    help="Adapter recipes: write the full merged model (mergekit over BASE+ADAPTER "
+    "models, any method) instead of one LoRA adapter",
+)
 @_mergekit_options
 @_reported
 def merge_command(
@@ -321,6 +341,8 @@ def merge_command(
     copy_tokenizer: bool,
     write_model_card: bool,
     overwrite: bool,
+    rank: Optional[int],
+    full_model: bool,
     **arguments: Any,
 ) -> None:
     """Merge CONFIG_FILE into OUT_PATH with NAN coefficients at any granularity.
@@ -333,6 +355,8 @@ def merge_command(
     """
     from mergekit.common import parse_kmb
 
+    from mergekit_nan.commands.adapter_coefficients import base_adapter_config
+    from mergekit_nan.commands.adapter_merge import adapter_merge_or_stock, merge_adapters
     from mergekit_nan.commands.inspect import load_recipe
     from mergekit_nan.commands.merge import merge_recipe
     from mergekit_nan.commands.output import OutputNotEmpty, leftovers
@@ -364,8 +388,30 @@ def merge_command(
     source = Path(config_file).read_text(encoding="utf-8")
     try:
         with suspended():  # the preflight has reported every finding already
+            config = load_recipe(config_file)
+            adapters = adapter_merge_or_stock(config, rank=rank, full_model=full_model)
+            if adapters is not None and not full_model:
+                merged = merge_adapters(
+                    config,
+                    adapters,
+                    out_path,
+                    granularity=arguments["granularity"],
+                    rank=rank,
+                    config_source=source,
+                    write_model_card=write_model_card,
+                    overwrite=overwrite,
+                )
+                for line in merged.lines():
+                    click.echo(line)
+                click.echo(
+                    f"Merged {config_file} into {out_path} ({merged.granularity} granularity)"
+                )
+                return
+            if adapters is not None:
+                config = base_adapter_config(config, adapters)
+                source = config.to_yaml() + "\n"
             result = merge_recipe(
-                load_recipe(config_file),
+                config,
                 out_path,
                 options,
                 granularity=arguments["granularity"],
