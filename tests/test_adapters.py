@@ -215,6 +215,7 @@ def dense(family, adapters):
     [
         ("nan", {"lambda": 1.5}, [1.0, 2.0, 1.0]),
         ("task_arithmetic+nan", {"normalize": False}, [0.5, 0.5, 1.0]),
+        ("task_arithmetic", {"normalize": True, "lambda": 0.8}, [1.0, 2.0, 0.5]),
     ],
 )
 def test_adapter_merge_equals_the_stock_merge_of_base_plus_adapter(
@@ -246,8 +247,14 @@ def test_adapter_merge_equals_the_stock_merge_of_base_plus_adapter(
     base, updates = dense
     if method == "nan":
         want = nan_expected(base, updates, priors=weights, lam=1.5)
-    else:
+    elif method == "task_arithmetic+nan":
         want = nan_expected(base, updates, total=sum(weights))
+    else:  # no NAN: the given weights, normalised
+        want = {
+            name: tensor.double()
+            + 0.8 * sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights)
+            for name, tensor in base.items()
+        }
     assert relative(got, want) <= 1e-6
     # every adapter changed the merged model where it acted, and lm_head is merged fully
     assert not torch.equal(got["lm_head.weight"], base["lm_head.weight"])
@@ -358,8 +365,10 @@ def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_pa
     stock_out = tmp_path / "stock"
     run_mergekit_yaml(data, stock_out, "--lora-merge-cache", str(tmp_path / "cache"))
     out = tmp_path / "adapter"
-    assert merge(path, out, "--granularity", "layer").returncode == 0
+    saved = tmp_path / "saved.yml"
+    assert merge(path, out, "--granularity", "layer", "--save-frozen", str(saved)).returncode == 0
     assert relative(applied(family[0], out), load_model_tensors(stock_out)) <= 1e-6
+    assert yaml.safe_load(saved.read_text()) == data
 
 
 def test_check_reads_adapter_recipes(family, adapters, tmp_path):

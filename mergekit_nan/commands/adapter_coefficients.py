@@ -315,14 +315,18 @@ def _kind(name: str, layer: Optional[Tuple[str, int]]) -> str:
 
 
 def adapter_inspection(
-    config: MergeConfiguration, recipe: AdapterRecipe, granularity: Granularity
+    config: MergeConfiguration,
+    recipe: AdapterRecipe,
+    granularity: Granularity,
+    measured: Optional[Tuple[List[TensorUpdate], Dict[Any, Dict[Any, float]]]] = None,
 ) -> Inspection:
     """The :class:`~mergekit_nan.commands.inspect.Inspection` of the ``base+adapter`` recipe.
 
     Rows are the tensors some adapter changes; the models are ``base+adapter``
     references, so :func:`~mergekit_nan.commands.freeze.freeze_recipe` writes a
     stock recipe over them. Tensors no adapter changes are listed as skipped
-    (their update is zero, so any weight leaves them at the base).
+    (their update is zero, so any weight leaves them at the base). ``measured``
+    is :func:`adapter_updates`'s result when the caller has it.
     """
     method = factor_method(config)
     if not isinstance(method, (NanMerge, NanCoefficients)):
@@ -330,7 +334,7 @@ def adapter_inspection(
             f"the recipe's merge_method is {config.merge_method!r}, which does not use NAN "
             "coefficients; use nan or task_arithmetic+nan"
         )
-    updates, groups = adapter_updates(config, recipe, granularity)
+    updates, groups = measured or adapter_updates(config, recipe, granularity)
     planned, module = _normalised(config, recipe)
     models = tuple(_combined(recipe, a.reference) for a in recipe.adapters)
     rows = []

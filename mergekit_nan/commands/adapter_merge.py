@@ -40,8 +40,9 @@ from mergekit_nan.commands.adapter_coefficients import (
     adapter_inspection,
     adapter_updates,
 )
+from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
 from mergekit_nan.commands.output import atomic_directory
-from mergekit_nan.commands.report import format_table
+from mergekit_nan.commands.report import format_table, write_files
 from mergekit_nan.doctor.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -140,12 +141,14 @@ def _merged_full(recipe: AdapterRecipe, update: TensorUpdate) -> torch.Tensor:
 def merged_tensors(
     config: MergeConfiguration,
     recipe: AdapterRecipe,
-    granularity: Granularity,
+    updates: List[TensorUpdate],
     rank: Optional[int] = None,
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[str, float], Tuple[str, ...]]:
-    """The merged adapter's tensors (PEFT names), module ranks, retained fractions, full tensors."""
+    """The merged adapter's tensors (PEFT names), module ranks, retained fractions, full tensors.
+
+    ``updates`` are :func:`~mergekit_nan.commands.adapter_coefficients.adapter_updates`'.
+    """
     dtype = _output_dtype(config, recipe)
-    updates, _ = adapter_updates(config, recipe, granularity)
     tensors: Dict[str, torch.Tensor] = {}
     ranks: Dict[str, int] = {}
     retained: Dict[str, float] = {}
@@ -282,18 +285,30 @@ def merge_adapters(
     config_source: Optional[str] = None,
     write_model_card: bool = True,
     overwrite: bool = False,
+    save_frozen: Optional[str] = None,
+    source_name: str = "the recipe",
 ) -> AdapterMerge:
     """Merge the adapter recipe into one PEFT LoRA adapter at ``out_path``, atomically.
 
     Everything is computed before the output is touched; ``out_path`` must be
     new or empty unless ``overwrite`` and is left as it was if anything fails.
-    ``granularity`` None means the recipe's ``nan_granularity``, else ``tensor``.
+    ``granularity`` None means the recipe's ``nan_granularity``, else ``tensor``;
+    ``save_frozen`` a path for the stock recipe over ``base+adapter`` models
+    with the coefficients written out (``source_name`` names the recipe in it).
     """
     granularity = resolve_granularity(config, granularity)
-    tensors, ranks, retained, full = merged_tensors(config, recipe, granularity, rank)
-    table = None
-    if write_model_card and config.merge_method != "task_arithmetic":
-        table = format_table(adapter_inspection(config, recipe, granularity))
+    measured = adapter_updates(config, recipe, granularity)
+    tensors, ranks, retained, full = merged_tensors(config, recipe, measured[0], rank)
+    nan = config.merge_method != "task_arithmetic"
+    inspection = adapter_inspection(config, recipe, granularity, measured) if nan else None
+    if save_frozen is not None:
+        if inspection is None:
+            raise AdapterError(
+                "--save-frozen needs a NAN method: task_arithmetic has no coefficients to freeze"
+            )
+        frozen = frozen_yaml(freeze_recipe(inspection), source=source_name, inspection=inspection)
+        write_files({save_frozen: lambda path: Path(path).write_text(frozen, encoding="utf-8")})
+    table = format_table(inspection) if inspection is not None else None
     target = Path(os.path.realpath(os.path.expanduser(out_path)))
     settings = _adapter_config(recipe, ranks, full)
     with atomic_directory(target, overwrite=overwrite) as partial:

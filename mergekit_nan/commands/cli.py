@@ -400,6 +400,8 @@ def merge_command(
                     config_source=source,
                     write_model_card=write_model_card,
                     overwrite=overwrite,
+                    save_frozen=save_frozen,
+                    source_name=os.path.basename(config_file),
                 )
                 for line in merged.lines():
                     click.echo(line)
