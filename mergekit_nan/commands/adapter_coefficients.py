@@ -30,6 +30,7 @@ message that points to ``--full-model``. Gradient settings are refused too.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -278,7 +279,10 @@ def adapter_updates(
 
 
 def _combined(recipe: AdapterRecipe, adapter: ModelReference) -> ModelReference:
-    return ModelReference(model=recipe.base.model, lora=adapter.model)
+    """``base+adapter``, the adapter by absolute path (mergekit's card asks the Hugging Face
+    hub about a relative LoRA path without a slash)."""
+    lora = adapter.model.model_copy(update={"path": os.path.abspath(adapter.model.path)})
+    return ModelReference(model=recipe.base.model, lora=lora)
 
 
 def base_adapter_config(config: MergeConfiguration, recipe: AdapterRecipe) -> MergeConfiguration:
