@@ -376,6 +376,11 @@ def test_check_reads_adapter_recipes(family, adapters, tmp_path):
     result = run_command("mergekit-nan", "check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 LoRA adapters" in result.stdout
+    stock = run_mergekit_yaml(
+        yaml.safe_load(path.read_text()), tmp_path / "stock", check=False
+    )  # the stock command reads models, not adapters: refused before writing
+    assert stock.returncode == 1 and "mergekit-nan merge RECIPE OUT_PATH" in stock.stderr
+    assert not (tmp_path / "stock").exists()
     ties = write_recipe(tmp_path / "ties.yml", adapter_recipe(family, adapters, "ties+nan"))
     result = run_command("mergekit-nan", "check", str(ties))
     assert "adapter-method" in result.stdout or "cannot merge LoRA adapters" in result.stdout

@@ -408,7 +408,9 @@ def adapter_findings(config: MergeConfiguration) -> Optional[List[Finding]]:
     """``check``'s findings for an adapter recipe (None for any other recipe).
 
     A broken adapter is an ``adapter-invalid`` error; a method that cannot give
-    an adapter a warning (``adapter-method``: ``--full-model`` still merges it).
+    an adapter a warning (``adapter-method``: ``--full-model`` still merges it);
+    a valid recipe an ``adapter-recipe`` info, which the stock commands' guard
+    turns into an error (they cannot read adapter directories as models).
     """
     try:
         recipe = adapter_recipe(config)
@@ -436,7 +438,9 @@ def adapter_findings(config: MergeConfiguration) -> Optional[List[Finding]]:
             "",
             f"{len(recipe.adapters)} LoRA adapters of {recipe.base}: {modules} LoRA "
             f"modules, {len(recipe.saved_names)} fully trained tensors; mergekit-nan "
-            "merge writes one LoRA adapter (--full-model: the merged model)",
+            "merge writes one LoRA adapter (--full-model: the merged model), while the "
+            "stock mergekit commands read adapters only as BASE+ADAPTER models",
+            "mergekit-nan merge RECIPE OUT_PATH",
         )
     )
     return findings
