@@ -15,18 +15,35 @@ on the factors alone, so the ``m x n`` product is never formed:
   of their triangular factors (:func:`truncate`), which also gives the
   fraction of the Frobenius norm the truncation keeps.
 
-Plain torch; norms, sums and truncations are computed in float64.
+Plain torch; norms, sums and truncations are computed in float64, on one CPU
+thread: the products are small (``r x r``, ``m x r``), so a second thread gains
+nothing, and on busy cores its barrier waits made them 20-50x slower.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
-from typing import Sequence, Tuple
+from typing import Iterator, Sequence, Tuple
 
 import torch
 
-__all__ = ["Truncation", "concatenate", "factor_norm", "factor_sum", "truncate"]
+__all__ = ["Truncation", "concatenate", "factor_norm", "factor_sum", "one_thread", "truncate"]
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one intra-op thread inside the block (process-wide, restored after)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _check(b: torch.Tensor, a: torch.Tensor) -> None:
@@ -39,8 +56,9 @@ def _check(b: torch.Tensor, a: torch.Tensor) -> None:
 def factor_norm(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> float:
     """``||scale * b @ a||_F`` from the ``r x r`` Gram matrices, in float64."""
     _check(b, a)
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    square = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
+    with one_thread():
+        b64, a64 = b.to(torch.float64), a.to(torch.float64)
+        square = float(((b64.T @ b64) * (a64 @ a64.T)).sum())
     # The Gram product is a sum of squares up to rounding: never below zero.
     return abs(scale) * math.sqrt(max(square, 0.0))
 
@@ -48,7 +66,8 @@ def factor_norm(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> float:
 def factor_sum(b: torch.Tensor, a: torch.Tensor, scale: float = 1.0) -> float:
     """The sum of the elements of ``scale * b @ a``, in float64."""
     _check(b, a)
-    return scale * float(b.to(torch.float64).sum(dim=0) @ a.to(torch.float64).sum(dim=1))
+    with one_thread():
+        return scale * float(b.to(torch.float64).sum(dim=0) @ a.to(torch.float64).sum(dim=1))
 
 
 def concatenate(
@@ -63,9 +82,10 @@ def concatenate(
         raise ValueError("concatenate needs at least one LoRA term")
     for b, a, _ in terms:
         _check(b, a)
-    b = torch.cat([c * b.to(torch.float64) for b, _, c in terms], dim=1)
-    a = torch.cat([a.to(torch.float64) for _, a, _ in terms], dim=0)
-    return b.to(dtype), a.to(dtype)
+    with one_thread():
+        b = torch.cat([c * b.to(torch.float64) for b, _, c in terms], dim=1)
+        a = torch.cat([a.to(torch.float64) for _, a, _ in terms], dim=0)
+        return b.to(dtype), a.to(dtype)
 
 
 @dataclass(frozen=True)
@@ -97,9 +117,12 @@ def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> Truncation:
         raise ValueError(f"rank must be at least 1; got {rank}")
     if rank >= b.shape[1]:
         return Truncation(b, a, 1.0, 0.0)
-    q_b, r_b = torch.linalg.qr(b.to(torch.float64))
-    q_a, r_a = torch.linalg.qr(a.to(torch.float64).T)
-    u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+    with one_thread():
+        q_b, r_b = torch.linalg.qr(b.to(torch.float64))
+        q_a, r_a = torch.linalg.qr(a.to(torch.float64).T)
+        u, s, vh = torch.linalg.svd(r_b @ r_a.T)
+        new_b = (q_b @ u[:, :rank]) * s[:rank]
+        new_a = vh[:rank] @ q_a.T
     squares = s.square()
     total = float(squares.sum())
     kept = float(squares[:rank].sum())
@@ -108,6 +131,4 @@ def truncate(b: torch.Tensor, a: torch.Tensor, rank: int) -> Truncation:
         error = math.sqrt(max(total - kept, 0.0) / total)
     else:
         retained, error = 1.0, 0.0
-    new_b = (q_b @ u[:, :rank]) * s[:rank]
-    new_a = vh[:rank] @ q_a.T
     return Truncation(new_b.to(b.dtype), new_a.to(b.dtype), retained, error)

@@ -51,7 +51,7 @@ from mergekit_nan.doctor.adapters import (
     adapter_recipe,
 )
 from mergekit_nan.granularity import resolve_granularity
-from mergekit_nan.lora import concatenate, truncate
+from mergekit_nan.lora import concatenate, one_thread, truncate
 from mergekit_nan.method import NAN_PAPER_URL, weighted_sum
 from mergekit_nan.parameters import Granularity
 
@@ -297,8 +297,9 @@ def merge_adapters(
     with the coefficients written out (``source_name`` names the recipe in it).
     """
     granularity = resolve_granularity(config, granularity)
-    measured = adapter_updates(config, recipe, granularity)
-    tensors, ranks, retained, full = merged_tensors(config, recipe, measured[0], rank)
+    with one_thread():  # small products and conversions: see mergekit_nan.lora
+        measured = adapter_updates(config, recipe, granularity)
+        tensors, ranks, retained, full = merged_tensors(config, recipe, measured[0], rank)
     nan = config.merge_method != "task_arithmetic"
     inspection = adapter_inspection(config, recipe, granularity, measured) if nan else None
     if save_frozen is not None:
