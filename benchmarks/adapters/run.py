@@ -206,6 +206,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
 
+    load_start = os.getloadavg()[0]
     base = build_base(args.cache, args.size)
     adapters = build_adapters(args.cache, args.size, base, args.rank)
     work = family_root(args.cache, args.size) / "work-adapters"
@@ -225,7 +226,8 @@ def main(argv=None) -> int:
     print(
         f"{args.size} base ({FAMILIES[args.size].description}), 3 rank-{args.rank} adapters "
         f"on {len(_module_shapes(FAMILIES[args.size].shape))} modules, nan, bfloat16, "
-        f"{args.rounds} alternating rounds (medians); load {os.getloadavg()[0]:.2f}"
+        f"{args.rounds} alternating rounds (medians); load {load_start:.2f} / "
+        f"{os.getloadavg()[0]:.2f} at start / end"
     )
     print(
         f"{'':16}{'wall s':>10}{'CPU s':>10}{'peak RSS MB':>14}{'written MB':>13}{'on disk MB':>13}"
