@@ -430,6 +430,8 @@ def broken(family, adapters, tmp_path_factory):
     )
     other = _edited(good, root / "other", {"base_model_name_or_path": str(family[1])})
     shape = _edited(good, root / "shape", tensors={q + ".lora_B.weight": torch.ones(32, 3)})
+    corrupt = _edited(good, root / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     return {
         "dora": ([dora], {}, ["dora", "DoRA", "lora_magnitude_vector"]),
         "bias": ([bias], {}, ["bias", "trains biases"]),
@@ -439,11 +441,25 @@ def broken(family, adapters, tmp_path_factory):
         "linear": ([], {"merge_method": "linear+nan"}, ["linear ignores base_model"]),
         "norm": ([], {"parameters": {"nan_norm": "weights"}}, ["nan_norm: weights"]),
         "mixed": ([family[1]], {}, ["mixes LoRA adapters", str(family[1])]),
+        "corrupt": ([corrupt], {}, ["corrupt", "cannot read adapter_model.safetensors"]),
+        "gradient": ([], {"parameters": {"lambda": [1.0, 2.0]}}, ["lambda is a gradient"]),
     }
 
 
 @pytest.mark.parametrize(
-    "case", ["dora", "bias", "other-base", "shape", "ties", "linear", "norm", "mixed"]
+    "case",
+    [
+        "dora",
+        "bias",
+        "other-base",
+        "shape",
+        "ties",
+        "linear",
+        "norm",
+        "mixed",
+        "corrupt",
+        "gradient",
+    ],
 )
 def test_refusals_name_the_problem_and_write_nothing(family, adapters, broken, tmp_path, case):
     extra, changes, words = broken[case]

@@ -161,10 +161,13 @@ def _base_headers(base: ModelReference) -> Tuple[str, Dict[str, Tuple[int, ...]]
     shapes: Dict[str, Tuple[int, ...]] = {}
     files: Dict[str, str] = {}
     for shard in shards:
-        with safe_open(os.path.join(path, shard), framework="pt") as file:
-            for key in file.keys():
-                shapes[key] = tuple(file.get_slice(key).get_shape())
-                files[key] = os.path.join(path, shard)
+        try:
+            with safe_open(os.path.join(path, shard), framework="pt") as file:
+                for key in file.keys():
+                    shapes[key] = tuple(file.get_slice(key).get_shape())
+                    files[key] = os.path.join(path, shard)
+        except Exception as error:  # safetensors raises its own error types for a broken file
+            raise AdapterError(f"base_model {base}: cannot read {shard}: {error}") from None
     return path, shapes, files
 
 
@@ -226,8 +229,11 @@ def _read_adapter(
     weights = os.path.join(path, ADAPTER_WEIGHTS)
     if not os.path.isfile(weights):
         raise AdapterError(f"adapter {label} has no {ADAPTER_WEIGHTS}")
-    with safe_open(weights, framework="pt") as file:
-        headers = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    try:
+        with safe_open(weights, framework="pt") as file:
+            headers = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except Exception as error:  # safetensors raises its own error types for a broken file
+        raise AdapterError(f"adapter {label}: cannot read {ADAPTER_WEIGHTS}: {error}") from None
     _refuse_config(label, settings, sorted(headers))
     named = settings.get("base_model_name_or_path")
     if not _same_base(named, base_path):
