@@ -113,7 +113,7 @@ def _deltas(recipe: AdapterRecipe, name: str) -> Tuple[bool, List[float], List[f
     """Per adapter ``||delta_i||_F`` and ``sum(delta_i)`` for base tensor ``name``."""
     shape = recipe.shapes[name]
     numel = math.prod(shape)
-    if name in recipe.lora_names:
+    if any(name in adapter.modules for adapter in recipe.adapters):
         norms, sums = [], []
         for adapter in recipe.adapters:
             if name not in adapter.modules:
@@ -244,7 +244,8 @@ def adapter_updates(
         raise AdapterError(
             f"--granularity {granularity} needs a NAN method, not {config.merge_method}"
         )
-    names = [n for n in recipe.shapes if n in set(recipe.lora_names) | set(recipe.saved_names)]
+    changed = set(recipe.lora_names) | set(recipe.saved_names)
+    names = [name for name in recipe.shapes if name in changed]
     if granularity == "layer" and not recipe.layers:
         raise AdapterError(
             "layer granularity needs the base model's layers, but mergekit does not know "
