@@ -135,11 +135,14 @@ def _deltas(recipe: AdapterRecipe, name: str) -> Tuple[bool, List[float], List[f
 
 
 def _weighting(
-    config: MergeConfiguration, recipe: AdapterRecipe, name: str, norms: Sequence[float]
+    config: MergeConfiguration,
+    method: Any,
+    recipe: AdapterRecipe,
+    name: str,
+    norms: Sequence[float],
 ) -> Tuple[Optional[Weighting], List[float], float, bool]:
     """NAN's per-tensor reading (None without NAN), the weights given, lambda and normalize."""
-    method = factor_method(config)
-    models = [m for m in config.models or ()]
+    models = list(config.models or ())
     lam = _number(_setting(config, None, "lambda", name), "lambda", name, 1.0)
     assert lam is not None
     given = [_setting(config, m, "weight", name) for m in models]
@@ -254,7 +257,7 @@ def adapter_updates(
     measured = []
     for name in names:
         lora, norms, sums, numel = _deltas(recipe, name)
-        weighting, given, lam, normalize = _weighting(config, recipe, name, norms)
+        weighting, given, lam, normalize = _weighting(config, method, recipe, name, norms)
         measured.append((name, lora, norms, sums, numel, weighting, given, lam, normalize))
     pooled: List[Optional[Weighting]] = [item[5] for item in measured]
     groups: Dict[Any, Dict[Any, float]] = {}
