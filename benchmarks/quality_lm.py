@@ -30,6 +30,12 @@ of steps, those the ``epochs`` regime gives the geometric mean of the volumes
 passes (8 at the full size) and starts to over-fit, while still beating the
 base (more passes made it worse than the base in trials).
 
+``--lora-rank R`` trains every expert as a PEFT LoRA adapter of rank R on every linear
+module (the paper's LoRA setting) and merges the adapters as adapters with ``mergekit-nan
+merge`` (one LoRA adapter per merge, folded into the base to be evaluated); only the linear
+methods merge adapters that way, so ``ties``, ``dare_ties`` and ``nan_norm: weights`` are
+left out.
+
 All merges use per-model weights summing to 1 and the top-level ``lambda``
 (result = base + lambda * sum_i w_i x_i). Each method's ``lambda`` is chosen on
 the validation split from the size's grid; the tables report the test split,
