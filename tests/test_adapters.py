@@ -496,3 +496,19 @@ def test_rank_needs_an_adapter_recipe(family, tmp_path):
     result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out, "--rank", "2")
     assert result.returncode == 1 and "apply to adapter recipes" in result.stderr
     assert not out.exists()
+
+
+def test_full_model_merges_a_sparsifying_method_as_mergekit_does(family, adapters, tmp_path):
+    recipe = adapter_recipe(family, adapters, "ties+nan")
+    for model in recipe["models"]:
+        model["parameters"] = {"density": 0.6}
+    path = write_recipe(tmp_path / "recipe.yml", recipe)
+    out = tmp_path / "full"
+    result = merge(path, out, "--full-model", "--no-copy-tokenizer")
+    assert result.returncode == 0, result.stderr
+    assert (out / "README.md").is_file() and not (out / "adapter_config.json").exists()
+    stock_out = tmp_path / "stock"
+    run_mergekit_yaml(stock_recipe(recipe), stock_out, "--lora-merge-cache", str(tmp_path / "c"))
+    got, stock = load_model_tensors(out), load_model_tensors(stock_out)
+    assert set(got) == set(stock)
+    assert all(torch.equal(got[name], stock[name]) for name in stock)
