@@ -106,7 +106,7 @@ def test_stock_writing_options_carry_over(family, tmp_path):
 def test_the_stock_only_options_are_mergekits_own():
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.commands.cli import merge_command
+    from mergekit_nan.commands.merge_command import merge_command
 
     fields = MergeOptions.model_fields
     given = {parameter.name: parameter for parameter in merge_command.params}

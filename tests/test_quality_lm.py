@@ -156,3 +156,28 @@ def test_compare_step_scores_the_bytes_the_models_were_trained_on(
     ids = [tokenizer(d.text)["input_ids"] for d in read]
     expected = [doc[start : start + 100] for doc in documents for start in range(0, len(doc), 100)]
     assert ids == [list(piece) for piece in expected]
+
+
+def test_quality_lm_tiny_with_lora_experts(
+    quality_lm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lora-rank: the experts are PEFT adapters, each merge one adapter (mergekit-nan merge)."""
+    merges = importlib.import_module("quality_lm_merges")
+    work, out = tmp_path / "work", tmp_path / "lora.json"
+    arguments = ["--size", "tiny", "--lora-rank", "4", "--experiment", "one-domain"]
+    arguments += ["--regime", "steps", "--out", str(work), "--json", str(out)]
+    status = quality_lm.main(arguments)
+    stdout, stderr = capsys.readouterr()
+    if status == 2 and "is too small on this machine" in stderr:
+        pytest.skip(stderr.strip().splitlines()[-1])
+    assert status == 0, stderr[-4000:]
+    assert "experts: LoRA adapters of rank 4" in stdout
+    methods = merges.adapter_methods(merges.one_domain_methods())
+    assert methods and all(m.linear for m in methods)
+    payload = json.loads(out.read_text())
+    assert payload["settings"]["lora_rank"] == 4
+    assert payload["merges"] == len(payload["lambda_grid"]) * len(methods)
+    # each merged adapter, folded into the base by PEFT, against float64 from the experts
+    assert len(payload["checks"]) == payload["merges"]
+    assert all(c["deviation"] < 1e-5 for c in payload["checks"])
+    assert not work.exists()

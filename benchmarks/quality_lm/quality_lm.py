@@ -30,6 +30,12 @@ of steps, those the ``epochs`` regime gives the geometric mean of the volumes
 passes (8 at the full size) and starts to over-fit, while still beating the
 base (more passes made it worse than the base in trials).
 
+``--lora-rank R`` trains every expert as a PEFT LoRA adapter of rank R on every linear
+module (the paper's LoRA setting) and merges the adapters as adapters with ``mergekit-nan
+merge`` (one LoRA adapter per merge, folded into the base to be evaluated); only the linear
+methods merge adapters that way, so ``ties``, ``dare_ties`` and ``nan_norm: weights`` are
+left out.
+
 All merges use per-model weights summing to 1 and the top-level ``lambda``
 (result = base + lambda * sum_i w_i x_i). Each method's ``lambda`` is chosen on
 the validation split from the size's grid; the tables report the test split,
@@ -85,6 +91,13 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--experiment", choices=(*EXPERIMENTS, "both"), default="both")
     domains = [c.name for c in data.DOMAINS]
     parser.add_argument("--pair-domain", choices=domains, default="package-docs")
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train the experts as LoRA adapters of this rank and merge them as adapters "
+        "(mergekit-nan merge; the linear methods only); 0: full fine-tunes",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--out", type=Path, default=None, help="work directory (checkpoints)")
     parser.add_argument("--json", type=Path, default=None, help="also write every number here")
@@ -119,10 +132,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     settings = train.SIZES[args.size]
     if args.seeds is not None:
         settings = dataclasses.replace(settings, seeds=args.seeds)
+    if args.lora_rank:
+        settings = dataclasses.replace(settings, lora_rank=args.lora_rank)
     torch.set_num_threads(args.threads)
     train.quiet_transformers()
     # Runs of one regime or experiment get their own default directory, so they can run side by side.
     parts = [args.size] + [part for part in (args.regime, args.experiment) if part != "both"]
+    parts += [f"lora{args.lora_rank}"] if args.lora_rank else []
     default = Path(__file__).resolve().parent.parent / ".cache" / f"quality_lm-{'-'.join(parts)}"
     work = (args.out or default).resolve()
     created = not work.exists()

@@ -182,9 +182,15 @@ class Run:
             tune_seed = 1000 * (seed + 1) + 100 * REGIMES.index(regime)
             tune_seed += 10 * EXPERIMENTS.index(experiment) + index
             begin = time.perf_counter()
-            model = train.finetune(self.base_state, rows, count, self.settings, tune_seed)
+            path = directory / f"expert{index}-{domain}-{volume}"
+            if self.settings.lora_rank:
+                lora = train.finetune_lora(self.base_state, rows, count, self.settings, tune_seed)
+                lora.save_pretrained(str(path))  # the expert is the adapter
+                model = lora.merge_and_unload()
+            else:
+                model = train.finetune(self.base_state, rows, count, self.settings, tune_seed)
+                train.save(model, path)
             seconds = time.perf_counter() - begin
-            path = train.save(model, directory / f"expert{index}-{domain}-{volume}")
             own_val = train.evaluate(model, self.corpora.val[domain])
             gain = self.base_val[domain] - own_val
             epochs = count * self.settings.batch_size / rows.shape[0]
@@ -256,10 +262,11 @@ class Run:
             config = merges.recipe(
                 method, self.base_path, paths, volumes, lam, self.settings.density
             )
+            lora = bool(self.settings.lora_rank)
             out = self.merger.merge(
-                method, config, job / f"{_slug(method.label)}-lambda{lam:g}", seed
+                method, config, job / f"{_slug(method.label)}-lambda{lam:g}", seed, lora
             )
-            state = train.load_state(out)
+            state = self._folded(out) if lora else train.load_state(out)
             shutil.rmtree(out)
             if method.linear:
                 expected = merges.expected_linear(method, self.base_state, states, volumes, lam)
@@ -277,6 +284,14 @@ class Run:
                 best = (mean, lam, state)
         assert best is not None, "empty lambda grid"
         return best
+
+    def _folded(self, adapter: Path) -> train.State:
+        """The base with a merged LoRA adapter folded in by PEFT."""
+        from peft import PeftModel
+
+        model = train.new_model(self.settings, 0)
+        model.load_state_dict(self.base_state)
+        return train.state_of(PeftModel.from_pretrained(model, str(adapter)).merge_and_unload())
 
     def experiment(
         self,
@@ -346,6 +361,8 @@ class Run:
             documents = data.shuffled(self.corpora.domains[name].splits["train"], 100 * seed + slot)
             plan.append((name, data.take_bytes(documents, 0, volume), volume))
         methods = merges.three_domain_methods()
+        if s.lora_rank:
+            methods = merges.adapter_methods(methods)
         self.experiment("three-domain", regime, seed, plan, names, methods)
 
     def one_domain(self, regime: str, seed: int) -> None:
@@ -358,4 +375,7 @@ class Run:
             volume = s.pair_unit_bytes * ratio
             plan.append((name, data.take_bytes(documents, start, volume), volume))
             start += volume
-        self.experiment("one-domain", regime, seed, plan, [name], merges.one_domain_methods())
+        methods = merges.one_domain_methods()
+        if s.lora_rank:
+            methods = merges.adapter_methods(methods)
+        self.experiment("one-domain", regime, seed, plan, [name], methods)

@@ -98,6 +98,13 @@ def three_domain_methods() -> List[Method]:
     return methods
 
 
+def adapter_methods(methods: Sequence[Method]) -> List[Method]:
+    """The merges an adapter recipe can give as one LoRA adapter: the linear ones
+    (task arithmetic, oracle, ``nan`` on task vectors); ``ties``, ``dare_ties`` and
+    ``nan_norm: weights`` are refused for adapters."""
+    return [m for m in methods if m.linear and "nan_norm" not in m.parameters]
+
+
 def one_domain_methods() -> List[Method]:
     """The merges of the one-domain experiment (the paper's first experiment)."""
     return [
@@ -163,8 +170,19 @@ class Merger:
         self._nan: Callable = scripts["mergekit-nan"].load()
         self.calls = 0
 
-    def merge(self, method: Method, config: Dict[str, object], work: Path, seed: int) -> Path:
-        """Write ``config`` to ``work/recipe.yml``, merge into ``work/merged``, return that."""
+    def merge(
+        self,
+        method: Method,
+        config: Dict[str, object],
+        work: Path,
+        seed: int,
+        adapters: bool = False,
+    ) -> Path:
+        """Write ``config`` to ``work/recipe.yml``, merge into ``work/merged``, return that.
+
+        With ``adapters`` the models are LoRA adapters and ``mergekit-nan merge``
+        writes one merged LoRA adapter (at every granularity).
+        """
         from mergekit.io.tasks import LoaderCache
 
         work.mkdir(parents=True, exist_ok=True)
@@ -175,7 +193,7 @@ class Merger:
         echo = io.StringIO()
         try:
             with contextlib.redirect_stdout(echo):
-                if method.granularity == "tensor":
+                if method.granularity == "tensor" and not adapters:
                     self._yaml([str(path), str(out), *options], standalone_mode=False)
                 else:
                     arguments = [str(path), str(out), "--granularity", method.granularity]

@@ -320,6 +320,15 @@ def report(record: Record, header: Header) -> str:
         f"{header.wall_s:.0f} s{f' (sum of {header.runs} runs)' if header.runs > 1 else ''}; "
         f"{header.merges} merges; lambda grid: {', '.join(f'{v:g}' for v in header.lambda_grid)}",
         "",
+        *(
+            [
+                f"experts: LoRA adapters of rank {header.settings['lora_rank']} on every linear "
+                "module, merged as adapters by mergekit-nan merge (one LoRA adapter per merge)",
+                "",
+            ]
+            if header.settings.get("lora_rank")
+            else []
+        ),
         "Losses: nats per byte on the test split, mean ± std over seeds; merges at the lambda "
         "with the lowest validation loss (mean ± std of that lambda in the last column).",
         "",

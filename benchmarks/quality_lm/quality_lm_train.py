@@ -72,6 +72,12 @@ class Settings:
     """Each expert must beat the base on its own domain's validation split by this much
     (nats per byte); None: only report it."""
 
+    lora_rank: int = 0
+    """0: experts are full fine-tunes; else PEFT LoRA adapters of this rank on every
+    linear module of every layer (``lora_alpha`` twice the rank)."""
+    lora_lr_factor: float = 4.0
+    """LoRA experts train at ``finetune_lr`` times this (adapters need a larger step)."""
+
     def config(self) -> LlamaConfig:
         """The model's ``LlamaConfig`` (untied embeddings, no dropout, float32)."""
         return LlamaConfig(
@@ -249,6 +255,34 @@ def finetune(
         schedule=False,
     )
     return model
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def finetune_lora(base: State, rows: torch.Tensor, steps: int, settings: Settings, seed: int):
+    """A LoRA expert: a PEFT adapter of rank ``settings.lora_rank`` on the base, trained
+    like :func:`finetune` (constant lr ``finetune_lr * lora_lr_factor``, no decay)."""
+    import peft
+
+    model = new_model(settings, seed)
+    model.load_state_dict(base)
+    config = peft.LoraConfig(
+        r=settings.lora_rank, lora_alpha=2 * settings.lora_rank, target_modules=list(LORA_TARGETS)
+    )
+    torch.manual_seed(seed)  # PEFT draws A with the global generator
+    lora = peft.get_peft_model(model, config)
+    _train(
+        lora,
+        rows,
+        steps,
+        settings,
+        seed,
+        lr=settings.finetune_lr * settings.lora_lr_factor,
+        weight_decay=0.0,
+        schedule=False,
+    )
+    return lora
 
 
 @torch.inference_mode()

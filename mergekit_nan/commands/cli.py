@@ -6,108 +6,36 @@ output file is touched (``-v`` shows the traceback instead).
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import os
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 import click
 
 from mergekit_nan.commands.compare_options import compare_options
-from mergekit_nan.commands.options import merge_options, mergekit_options, writing_options
+from mergekit_nan.commands.merge_command import merge_command
+from mergekit_nan.commands.messages import reported
+from mergekit_nan.commands.options import merge_options, mergekit_options
+from mergekit_nan.commands.preflight import check_writable, preflight
 
 __all__ = ["main"]
 
 
-def _one_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, (FileNotFoundError, IsADirectoryError)) and error.filename:
-        text = f"{error.strerror or 'not found'}: {error.filename}"
-    return text
-
-
-def _reported(command: Callable) -> Callable:
-    """Turn exceptions into ``Error: <one line>`` (tracebacks with ``-v``)."""
-
-    @functools.wraps(command)
-    def run(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (click.ClickException, click.Abort, click.exceptions.Exit, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            if kwargs.get("verbose"):
-                raise
-            raise click.ClickException(_one_line(error)) from None
-
-    return run
-
-
-def _check_writable(*paths: Optional[str]) -> None:
-    for path in paths:
-        if path is None:
-            continue
-        directory = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise FileNotFoundError(f"no such directory for output {path}: {directory}")
-        if os.path.isdir(path):
-            raise IsADirectoryError(f"output {path} is a directory")
-
-
-def _preflight(
-    config_file: str,
-    arguments: Dict[str, Any],
-    out_path: Optional[str] = None,
-    ignore: Tuple[str, ...] = (),
-) -> None:
-    """Run ``check`` first: warnings go to stderr; the first error stops the command (exit 1).
-
-    ``out_path`` is checked too (``output-overwrites-input``); findings whose
-    code is in ``ignore`` are not shown.
-    """
-    from mergekit_nan.doctor.check import check_recipe
-
-    report = check_recipe(config_file, out_path=out_path, options=merge_options(arguments))
-    report = dataclasses.replace(
-        report, findings=tuple(f for f in report.findings if f.code not in ignore)
-    )
-    if report.errors:
-        first = report.errors[0]
-        text = first.line()[len("error: ") :]
-        more = len(report.errors) - 1
-        if more:
-            text += f" (and {more} more: mergekit-nan check {config_file} lists them)"
-        raise click.ClickException(text)
-    for line in report.lines(levels=("warning",)):
-        click.echo(line, err=True)
-
-
 def _inspect(config_file: str, arguments: Dict[str, Any]):
+    from mergekit_nan.commands.adapter_coefficients import adapter_inspection
     from mergekit_nan.commands.inspect import inspect_recipe, load_recipe
+    from mergekit_nan.doctor.adapters import adapter_recipe
+    from mergekit_nan.granularity import resolve_granularity
 
-    _preflight(config_file, arguments)
+    preflight(config_file, arguments)
     config = load_recipe(config_file)
+    adapters = adapter_recipe(config)
+    if adapters is not None:
+        granularity = resolve_granularity(config, arguments["granularity"])
+        return adapter_inspection(config, adapters, granularity)
     return inspect_recipe(
         config, granularity=arguments["granularity"], options=merge_options(arguments)
     )
-
-
-def _single_document(config_file: str) -> None:
-    """Refuse a multi-document (``mergekit-multi``) recipe with a message that says what to do."""
-    import yaml
-
-    with open(config_file, encoding="utf-8") as file:
-        try:
-            count = sum(1 for _ in yaml.safe_load_all(file))
-        except yaml.YAMLError:
-            return  # the preflight reports it
-    if count > 1:
-        raise click.ClickException(
-            f"{config_file} holds {count} recipes (a mergekit-multi file); mergekit-nan merge "
-            "merges one: give each stage its own file and merge them in order with "
-            "mergekit-nan merge, or run mergekit-multi (which checks NAN stages first)"
-        )
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -124,7 +52,7 @@ def main() -> None:
 @click.option("--csv", "csv_file", default=None, help="Write every coefficient to this CSV file")
 @click.option("--plot", "plot_file", default=None, help="Write a heatmap PNG (needs matplotlib)")
 @mergekit_options
-@_reported
+@reported
 def inspect_command(
     config_file: str,
     all_tensors: bool,
@@ -143,7 +71,7 @@ def inspect_command(
     from mergekit_nan.commands.premise import format_premise, premise, premise_findings
     from mergekit_nan.doctor.findings import format_findings
 
-    _check_writable(json_file, csv_file, plot_file)
+    check_writable(json_file, csv_file, plot_file)
     if plot_file:
         report.require_matplotlib()
     inspection = _inspect(config_file, arguments)
@@ -170,7 +98,7 @@ def inspect_command(
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.option("--output", "-o", required=True, help="Where to write the stock recipe (YAML)")
 @mergekit_options
-@_reported
+@reported
 def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     """Write a stock mergekit recipe whose weights are CONFIG_FILE's NAN coefficients.
 
@@ -181,7 +109,7 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
     from mergekit_nan.commands.report import write_files
 
-    _check_writable(output)
+    check_writable(output)
     inspection = _inspect(config_file, arguments)
     frozen = freeze_recipe(inspection)
     text = frozen_yaml(frozen, source=os.path.basename(config_file), inspection=inspection)
@@ -207,7 +135,7 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
 @click.option("--transformers-cache", default=None, help="Hugging Face cache directory")
 @click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks")
-@_reported
+@reported
 def check_command(
     config_file: str,
     strict: bool,
@@ -231,7 +159,7 @@ def check_command(
     from mergekit_nan.commands.report import write_files
     from mergekit_nan.doctor.check import check_recipe
 
-    _check_writable(json_file)
+    check_writable(json_file)
     options = MergeOptions(
         transformers_cache=transformers_cache, trust_remote_code=trust_remote_code
     )
@@ -247,129 +175,6 @@ def check_command(
         raise SystemExit(code)
 
 
-@main.command("merge")
-@click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
-@click.argument("out_path", type=click.Path(file_okay=False))
-@click.option("--save-frozen", default=None, help="Also write the frozen stock recipe (YAML) here")
-@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)")
-@click.option(
-    "--out-shard-size", default="5B", show_default=True, help="Parameters per output shard"
-)
-@click.option(
-    "--lazy-unpickle/--no-lazy-unpickle",
-    default=False,
-    show_default=True,
-    help="mergekit's experimental lazy unpickler (less memory)",
-)
-@click.option(
-    "--copy-tokenizer/--no-copy-tokenizer",
-    default=True,
-    show_default=True,
-    help="Copy a tokenizer to the output",
-)
-@click.option(
-    "--write-model-card/--no-write-model-card",
-    default=True,
-    show_default=True,
-    help="Write README.md naming NAN, the granularity and the coefficients",
-)
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace a non-empty OUT_PATH (its content stays until the new model is complete)",
-)
-@writing_options
-@mergekit_options
-@_reported
-def merge_command(
-    config_file: str,
-    out_path: str,
-    save_frozen: Optional[str],
-    random_seed: Optional[int],
-    out_shard_size: str,
-    lazy_unpickle: bool,
-    copy_tokenizer: bool,
-    write_model_card: bool,
-    overwrite: bool,
-    **arguments: Any,
-) -> None:
-    """Merge any mergekit recipe CONFIG_FILE into OUT_PATH: checked, inputs safe, atomic.
-
-    Every check error stops the merge before anything is read or written, an
-    OUT_PATH that is or holds an input is refused, and the model is written
-    beside OUT_PATH and moved into place only when complete: an interrupted
-    or failed merge leaves OUT_PATH as it was. A recipe without NAN gives the
-    tensors of mergekit-yaml CONFIG_FILE OUT_PATH with the same options, bit
-    for bit. A NAN recipe at --granularity tensor is mergekit-yaml, bit for
-    bit; layer and model measure the norms in one streaming pass, freeze the
-    coefficients into a stock recipe and merge it with mergekit.
-    """
-    from mergekit.common import parse_kmb
-
-    from mergekit_nan.commands.inspect import load_recipe
-    from mergekit_nan.commands.interrupts import Terminated, stopped_by_signals
-    from mergekit_nan.commands.merge import merge_recipe
-    from mergekit_nan.commands.output import OutputNotEmpty, leftovers
-    from mergekit_nan.doctor.guard import suspended
-
-    _check_writable(save_frozen)
-    target = Path(os.path.realpath(os.path.expanduser(out_path)))
-    for leftover in leftovers(target):
-        click.echo(
-            f"note: {leftover} was left by an interrupted merge into {out_path}; "
-            "delete it once no merge into it is running",
-            err=True,
-        )
-    _single_document(config_file)
-    _preflight(config_file, arguments, out_path=out_path, ignore=("output-not-empty",))
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise OutputNotEmpty(
-            f"output directory {out_path} is not empty; pass --overwrite to replace it "
-            "(its content stays until the new model is complete)"
-        )
-    options = merge_options(arguments).model_copy(
-        update={
-            "random_seed": random_seed,
-            "out_shard_size": parse_kmb(out_shard_size),
-            "lazy_unpickle": lazy_unpickle,
-            "copy_tokenizer": copy_tokenizer,
-            "write_model_card": write_model_card,
-        }
-    )
-    if options.num_threads is not None:  # as the stock mergekit-yaml sets them
-        options.apply_global_options()
-    source = Path(config_file).read_text(encoding="utf-8")
-    try:
-        # The preflight has reported every finding already; SIGTERM unwinds like Ctrl-C.
-        with suspended(), stopped_by_signals():
-            result = merge_recipe(
-                load_recipe(config_file),
-                out_path,
-                options,
-                granularity=arguments["granularity"],
-                config_source=source,
-                save_frozen=save_frozen,
-                source_name=os.path.basename(config_file),
-                overwrite=overwrite,
-            )
-    except KeyboardInterrupt:
-        click.echo(f"Interrupted: {out_path} was left as it was.", err=True)
-        raise click.exceptions.Exit(130) from None
-    except Terminated:
-        click.echo(f"Terminated: {out_path} was left as it was.", err=True)
-        raise click.exceptions.Exit(Terminated.exit_status) from None
-    except click.ClickException as error:
-        raise click.ClickException(f"{error.message}; {out_path} was left as it was") from None
-    except Exception as error:
-        if arguments["verbose"]:
-            raise
-        raise click.ClickException(f"{_one_line(error)}; {out_path} was left as it was") from None
-    if save_frozen:
-        click.echo(f"Wrote {save_frozen}")
-    how = "" if result.granularity is None else f" ({result.granularity} granularity)"
-    click.echo(f"Merged {config_file} into {out_path}{how}")
-
-
 @main.command("demo")
 @click.option(
     "--out",
@@ -379,7 +184,7 @@ def merge_command(
 )
 @click.option("--keep", is_flag=True, help="Keep the temporary directory")
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks")
-@_reported
+@reported
 def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
     """Merge three tiny fine-tunes with nan, offline, and show the coefficients used."""
     from mergekit_nan.commands.demo import run_demo
@@ -390,7 +195,7 @@ def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
 @main.command("compare")
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @compare_options
-@_reported
+@reported
 def compare_command(config_file: str, **arguments: Any) -> None:
     """Does NAN help? Merge CONFIG_FILE and its baseline without NAN (and any sweeps),
     score each on held-out --data and say which is better, with bootstrap intervals.
@@ -406,12 +211,12 @@ def compare_command(config_file: str, **arguments: Any) -> None:
 
     a = arguments
     keep = a["keep"]
-    _check_writable(a["json_file"], a["csv_file"], a["plot_file"])
+    check_writable(a["json_file"], a["csv_file"], a["plot_file"])
     if a["plot_file"]:
         report.require_matplotlib()
-    _preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
+    preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
     for other in a["against"]:
-        _preflight(other, a)
+        preflight(other, a)
     if keep and os.path.isdir(keep) and any(os.scandir(keep)) and not a["overwrite"]:
         raise OutputNotEmpty(
             f"--keep directory {keep} is not empty; pass --overwrite to replace it"
@@ -431,3 +236,6 @@ def compare_command(config_file: str, **arguments: Any) -> None:
     except KeyboardInterrupt:
         click.echo("Interrupted: no merged model and no output file was left.", err=True)
         raise click.exceptions.Exit(130) from None
+
+
+main.add_command(merge_command)

@@ -39,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import yaml
 from mergekit.options import MergeOptions
 
+from mergekit_nan.doctor.adapters import adapter_findings
 from mergekit_nan.doctor.estimate import Estimate, estimate_job
 from mergekit_nan.doctor.findings import Finding, format_findings
 from mergekit_nan.doctor.model_checks import model_findings
@@ -155,6 +156,9 @@ def _check_document(
         config = MergeConfiguration.model_validate(dict(data))
     except Exception as error:
         return findings + [_invalid(readable_error(error))], None
+    adapters = adapter_findings(config)
+    if adapters is not None:  # LoRA adapters merged as factors: no full models to plan
+        return findings + adapters, None
     models = collect_models(data, cache_dir=options.transformers_cache, produced=produced)
     found_models.extend(models)
     fetched = _downloadable(models) if downloads else []

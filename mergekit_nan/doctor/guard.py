@@ -68,7 +68,7 @@ _REPORTED: ContextVar[Optional[Set[Tuple[str, str, Optional[str]]]]] = ContextVa
 )
 _MERGE: ContextVar[Optional[_Merge]] = ContextVar("mergekit_nan_guard_merge", default=None)
 
-STOCK_ONLY_ERRORS = ("granularity-needs-merge",)
+STOCK_ONLY_ERRORS = ("granularity-needs-merge", "adapter-recipe")
 """Finding codes that are fine for ``mergekit-nan merge`` but errors in the stock commands."""
 
 _LOOKS_NAN = re.compile(r"merge_method\s*:\s*['\"]?nan\b|\+nan\b|\bnan_\w+\s*:")

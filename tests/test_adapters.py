@@ -1,0 +1,514 @@
+"""Adapter recipes: LoRA adapters in, one LoRA adapter out (``mergekit-nan merge``).
+
+Three PEFT adapters on the family's base model, with different ranks, alphas,
+targets (one with rsLoRA, one with a trained ``lm_head`` and a zero update),
+all with non-zero B. The merged adapter, applied to the base with PEFT's
+``merge_and_unload``, is compared with the stock ``mergekit-yaml`` over
+``base+adapter`` models (mergekit's own LoRA path) and with a float64
+computation here from the dense updates.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import yaml
+from conftest import load_model_tensors, run_mergekit_yaml
+from safetensors.torch import load_file, save_file
+from stock import run_command
+
+from mergekit_nan.lora import concatenate, factor_norm, factor_sum, truncate
+
+peft = pytest.importorskip("peft")
+
+SPECS = [
+    # name, rank, alpha, rsLoRA, targets, modules_to_save, B scale
+    ("ad0", 4, 8, False, ["q_proj", "v_proj"], None, 0.05),
+    ("ad1", 2, 4, True, ["q_proj", "o_proj", "down_proj"], None, 0.1),
+    ("ad2", 8, 8, False, ["q_proj", "v_proj"], ["lm_head"], 0.02),
+]
+
+
+def _make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
+    from transformers import LlamaForCausalLM
+
+    scale = config.pop("b_scale")
+    model = LlamaForCausalLM.from_pretrained(base)
+    lora = peft.get_peft_model(model, peft.LoraConfig(**config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in lora.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
+                if "layers.1.self_attn.v_proj" in name and seed == 2:
+                    parameter.zero_()  # a zero update: no say for this adapter here
+            elif "modules_to_save" in name:
+                parameter.add_(0.03 * torch.randn(parameter.shape, generator=generator))
+    lora.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(family, tmp_path_factory) -> List[Path]:
+    root = tmp_path_factory.mktemp("adapters")
+    return [
+        _make_adapter(
+            family[0],
+            root / name,
+            seed,
+            r=rank,
+            lora_alpha=alpha,
+            use_rslora=rs,
+            target_modules=targets,
+            modules_to_save=saved,
+            b_scale=scale,
+        )
+        for seed, (name, rank, alpha, rs, targets, saved, scale) in enumerate(SPECS)
+    ]
+
+
+def dense_updates(base: Dict[str, torch.Tensor], adapter: Path) -> Dict[str, torch.Tensor]:
+    """Every base tensor's update by ``adapter`` in float64 (zero where it does nothing)."""
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    r, alpha = settings["r"], settings["lora_alpha"]
+    scale = alpha / (math.sqrt(r) if settings["use_rslora"] else r)
+    saved = load_file(adapter / "adapter_model.safetensors")
+    updates = {name: torch.zeros_like(t, dtype=torch.float64) for name, t in base.items()}
+    for key, tensor in saved.items():
+        name = key.removeprefix("base_model.model.")
+        if ".lora_A." in key:
+            b = saved[key.replace(".lora_A.", ".lora_B.")].double()
+            updates[name.replace(".lora_A.weight", ".weight")] += scale * (b @ tensor.double())
+        elif ".lora_B." not in key:
+            updates[name] += tensor.double() - base[name].double()
+    return updates
+
+
+def nan_expected(base, updates, *, priors=None, lam=1.0, total=None, pooled=None):
+    """base + sum c_i delta_i with NAN's c_i, in float64 (``pooled``: name -> norms)."""
+    result = {}
+    for name, tensor in base.items():
+        deltas = [u[name] for u in updates]
+        norms = pooled[name] if pooled else [float(d.norm()) for d in deltas]
+        weights = priors or [1.0] * len(deltas)
+        inverse = [w / n if n > 0 else 0.0 for w, n in zip(weights, norms)]
+        if not any(inverse):
+            result[name] = tensor.double()
+            continue
+        shares = [v / sum(inverse) for v in inverse]
+        scale = lam if total is None else lam * total
+        merged = tensor.double() + sum(scale * s * d for s, d in zip(shares, deltas))
+        result[name] = merged
+    return result
+
+
+def applied(base_path: Path, adapter_out: Path) -> Dict[str, torch.Tensor]:
+    """The base model with the merged adapter folded in by PEFT."""
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(base_path)
+    merged = peft.PeftModel.from_pretrained(model, adapter_out).merge_and_unload()
+    return {name: t.detach() for name, t in merged.state_dict().items()}
+
+
+def relative(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> float:
+    return max(
+        float((got[n].double() - want[n].double()).abs().max() / want[n].double().abs().max())
+        for n in want
+    )
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def adapter_recipe(family, adapters, method="nan", parameters=None, weights=None, **extra):
+    models = []
+    for index, adapter in enumerate(adapters):
+        entry = {"model": str(adapter)}
+        if weights is not None:
+            entry["parameters"] = {"weight": weights[index]}
+        models.append(entry)
+    recipe = {"merge_method": method, "base_model": str(family[0]), "models": models}
+    recipe["dtype"] = "float32"
+    if parameters:
+        recipe["parameters"] = parameters
+    recipe.update(extra)
+    return recipe
+
+
+def stock_recipe(recipe: dict) -> dict:
+    """The same recipe over BASE+ADAPTER models."""
+    stock = json.loads(json.dumps(recipe))
+    for model in stock["models"]:
+        model["model"] = f"{recipe['base_model']}+{model['model']}"
+    return stock
+
+
+def merge(recipe_path: Path, out: Path, *extra: str):
+    return run_command("mergekit-nan", "merge", str(recipe_path), str(out), *extra)
+
+
+# --- the factor arithmetic, against dense float64 ---------------------------------------------
+
+
+def test_gram_norms_and_sums_equal_dense_ones():
+    generator = torch.Generator().manual_seed(3)
+    for m, r, n in ((7, 3, 5), (40, 16, 24), (5, 6, 4)):
+        b = torch.randn(m, r, generator=generator, dtype=torch.float64)
+        a = torch.randn(r, n, generator=generator, dtype=torch.float64)
+        dense = 0.7 * (b @ a)
+        assert math.isclose(factor_norm(b, a, 0.7), float(dense.norm()), rel_tol=1e-12)
+        assert math.isclose(factor_sum(b, a, 0.7), float(dense.sum()), rel_tol=1e-10)
+    zero = torch.zeros(4, 2, dtype=torch.float64)
+    assert factor_norm(zero, torch.ones(2, 3, dtype=torch.float64)) == 0.0
+
+
+def test_concatenated_factors_are_the_weighted_sum():
+    generator = torch.Generator().manual_seed(4)
+    terms = [
+        (torch.randn(6, r, generator=generator), torch.randn(r, 5, generator=generator), c)
+        for r, c in ((2, 0.5), (3, -1.25), (1, 2.0))
+    ]
+    b, a = concatenate(terms, torch.float64)
+    assert b.shape == (6, 6) and a.shape == (6, 5)
+    want = sum(c * bi.double() @ ai.double() for bi, ai, c in terms)
+    assert torch.allclose(b @ a, want, rtol=0, atol=1e-12)
+
+
+def test_truncation_is_the_dense_best_approximation():
+    generator = torch.Generator().manual_seed(5)
+    b = torch.randn(30, 9, generator=generator, dtype=torch.float64)
+    a = torch.randn(9, 20, generator=generator, dtype=torch.float64)
+    dense = b @ a
+    u, s, vh = torch.linalg.svd(dense)
+    for rank in (1, 4, 8):
+        cut = truncate(b, a, rank)
+        best = (u[:, :rank] * s[:rank]) @ vh[:rank]
+        assert cut.b.shape == (30, rank) and cut.a.shape == (rank, 20)
+        assert torch.allclose(cut.b @ cut.a, best, rtol=0, atol=1e-10)
+        kept = math.sqrt(float(s[:rank].square().sum() / s.square().sum()))
+        assert math.isclose(cut.retained, kept, rel_tol=1e-12)
+        error = float((dense - best).norm() / dense.norm())
+        assert math.isclose(cut.error, error, rel_tol=1e-9)
+    assert truncate(b, a, 9).retained == 1.0
+
+
+# --- merges -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dense(family, adapters):
+    base = load_model_tensors(family[0])
+    return base, [dense_updates(base, adapter) for adapter in adapters]
+
+
+@pytest.mark.parametrize(
+    "method, parameters, weights",
+    [
+        ("nan", {"lambda": 1.5}, [1.0, 2.0, 1.0]),
+        ("task_arithmetic+nan", {"normalize": False}, [0.5, 0.5, 1.0]),
+        ("task_arithmetic", {"normalize": True, "lambda": 0.8}, [1.0, 2.0, 0.5]),
+    ],
+)
+def test_adapter_merge_equals_the_stock_merge_of_base_plus_adapter(
+    family, adapters, dense, tmp_path, method, parameters, weights, record_property
+):
+    recipe = adapter_recipe(family, adapters, method, parameters, weights)
+    out = tmp_path / "merged-adapter"
+    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "mergekit_config.yml",
+    ]
+    assert "mergekit-nan merge mergekit_config.yml OUT_PATH" in (out / "README.md").read_text()
+    got = applied(family[0], out)
+
+    stock_out = tmp_path / "stock"
+    run_mergekit_yaml(
+        stock_recipe(recipe), stock_out, "--lora-merge-cache", str(tmp_path / "lora-cache")
+    )
+    stock = load_model_tensors(stock_out)
+    assert set(got) == set(stock)
+    error = relative(got, stock)
+    record_property("relative_error_vs_stock", error)
+    assert error <= 1e-6
+
+    base, updates = dense
+    if method == "nan":
+        want = nan_expected(base, updates, priors=weights, lam=1.5)
+    elif method == "task_arithmetic+nan":
+        want = nan_expected(base, updates, total=sum(weights))
+    else:  # no NAN: the given weights, normalised
+        want = {
+            name: tensor.double()
+            + 0.8 * sum(w * u[name] for w, u in zip(weights, updates)) / sum(weights)
+            for name, tensor in base.items()
+        }
+    assert relative(got, want) <= 1e-6
+    # every adapter changed the merged model where it acted, and lm_head is merged fully
+    assert not torch.equal(got["lm_head.weight"], base["lm_head.weight"])
+    assert torch.equal(
+        got["model.layers.0.mlp.up_proj.weight"], base["model.layers.0.mlp.up_proj.weight"]
+    )
+
+
+def test_rank_sums_and_zero_updates_add_no_rank(family, adapters, tmp_path):
+    out = tmp_path / "merged"
+    result = merge(write_recipe(tmp_path / "r.yml", adapter_recipe(family, adapters)), out)
+    assert result.returncode == 0, result.stderr
+    settings = json.loads((out / "adapter_config.json").read_text())
+    saved = load_file(out / "adapter_model.safetensors")
+    rank = {k: v.shape[0] for k, v in saved.items() if ".lora_A." in k}
+    prefix = "base_model.model.model.layers."
+    assert rank[prefix + "0.self_attn.q_proj.lora_A.weight"] == 4 + 2 + 8
+    assert rank[prefix + "1.self_attn.v_proj.lora_A.weight"] == 4  # ad2's update is zero
+    assert rank[prefix + "0.mlp.down_proj.lora_A.weight"] == 2
+    assert settings["modules_to_save"] == ["lm_head"]
+    assert "base_model.model.lm_head.weight" in saved
+    assert f"{len(rank)} modules" in result.stdout
+
+
+@pytest.mark.parametrize("granularity", ["layer", "model"])
+def test_pooled_granularity_equals_the_full_model_merge(
+    family, adapters, dense, tmp_path, granularity
+):
+    recipe = adapter_recipe(family, adapters, "nan")
+    path = write_recipe(tmp_path / "recipe.yml", recipe)
+    out = tmp_path / "adapter"
+    assert merge(path, out, "--granularity", granularity).returncode == 0
+    full = tmp_path / "full"
+    result = merge(path, full, "--granularity", granularity, "--full-model", "--no-copy-tokenizer")
+    assert result.returncode == 0, result.stderr
+    got, stock = applied(family[0], out), load_model_tensors(full)
+    assert relative(got, stock) <= 1e-6
+
+    base, updates = dense
+    groups: Dict[object, List[float]] = {}
+    key = {}
+    for name in base:
+        layer = name.split(".")[2] if name.startswith("model.layers.") else name
+        key[name] = layer if granularity == "layer" else None
+        squares = groups.setdefault(key[name], [0.0] * len(updates))
+        for index, update in enumerate(updates):
+            squares[index] += float(update[name].square().sum())
+    pooled = {name: [math.sqrt(v) for v in groups[key[name]]] for name in base}
+    want = nan_expected(base, updates, pooled=pooled)
+    assert relative(got, want) <= 1e-6
+
+
+def test_rank_cut_reports_what_a_dense_svd_keeps(family, adapters, dense, tmp_path):
+    path = write_recipe(tmp_path / "recipe.yml", adapter_recipe(family, adapters))
+    out = tmp_path / "cut"
+    result = merge(path, out, "--rank", "3")
+    assert result.returncode == 0, result.stderr
+    card = (out / "README.md").read_text()
+    reported = {}
+    for line in card.splitlines():
+        if line.startswith("| model."):
+            module, value = (cell.strip() for cell in line.strip("|").split("|"))
+            reported[module] = float(value)
+    base, updates = dense
+    merged = nan_expected(base, updates)
+    saved = load_file(out / "adapter_model.safetensors")
+    assert reported and all(
+        saved[f"base_model.model.{m}.lora_A.weight"].shape[0] <= 3 for m in reported
+    )
+    worst = min(reported, key=reported.get)
+    for module, value in reported.items():
+        delta = merged[module + ".weight"] - base[module + ".weight"].double()
+        s = torch.linalg.svdvals(delta)
+        kept = math.sqrt(float(s[:3].square().sum() / s.square().sum()))
+        assert abs(value - kept) <= 1e-5, module
+        a = saved[f"base_model.model.{module}.lora_A.weight"].double()
+        b = saved[f"base_model.model.{module}.lora_B.weight"].double()
+        u, _, vh = torch.linalg.svd(delta)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        assert float((b @ a - best).norm() / delta.norm()) <= 1e-5
+    assert f"worst {worst} keeps {reported[worst]:.4f}" in result.stdout
+
+
+def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_path):
+    recipe = adapter_recipe(family, adapters, "task_arithmetic+nan", weights=[1.0, 1.0, 1.0])
+    path = write_recipe(tmp_path / "recipe.yml", recipe)
+    report = tmp_path / "c.json"
+    result = run_command("mergekit-nan", "inspect", str(path), "--json", str(report))
+    assert result.returncode == 0, result.stderr
+    base, updates = dense
+    rows = {t["name"]: t for t in json.loads(report.read_text())["tensors"]}
+    name = "model.layers.0.self_attn.q_proj.weight"
+    norms = [float(u[name].norm()) for u in updates]
+    inverse = [1 / n for n in norms]
+    for model, norm, value in zip(rows[name]["models"], norms, inverse):
+        assert math.isclose(model["norm"], norm, rel_tol=1e-6)
+        assert math.isclose(model["weight"], 3 * value / sum(inverse), rel_tol=1e-6)
+
+    frozen = tmp_path / "frozen.yml"
+    result = run_command(
+        "mergekit-nan", "freeze", str(path), "-o", str(frozen), "--granularity", "layer"
+    )
+    assert result.returncode == 0, result.stderr
+    data = yaml.safe_load(frozen.read_text())
+    assert data["merge_method"] == "task_arithmetic"
+    sources = data["slices"][0]["sources"]
+    assert all("+" in s["model"] for s in sources if s["model"] != str(family[0]))
+    stock_out = tmp_path / "stock"
+    run_mergekit_yaml(data, stock_out, "--lora-merge-cache", str(tmp_path / "cache"))
+    out = tmp_path / "adapter"
+    saved = tmp_path / "saved.yml"
+    assert merge(path, out, "--granularity", "layer", "--save-frozen", str(saved)).returncode == 0
+    assert relative(applied(family[0], out), load_model_tensors(stock_out)) <= 1e-6
+    assert yaml.safe_load(saved.read_text()) == data
+
+
+def test_check_reads_adapter_recipes(family, adapters, tmp_path):
+    path = write_recipe(tmp_path / "recipe.yml", adapter_recipe(family, adapters))
+    result = run_command("mergekit-nan", "check", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 LoRA adapters" in result.stdout
+    stock = run_mergekit_yaml(
+        yaml.safe_load(path.read_text()), tmp_path / "stock", check=False
+    )  # the stock command reads models, not adapters: refused before writing
+    assert stock.returncode == 1 and "mergekit-nan merge RECIPE OUT_PATH" in stock.stderr
+    assert not (tmp_path / "stock").exists()
+    ties = write_recipe(tmp_path / "ties.yml", adapter_recipe(family, adapters, "ties+nan"))
+    result = run_command("mergekit-nan", "check", str(ties))
+    assert "adapter-method" in result.stdout or "cannot merge LoRA adapters" in result.stdout
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+def _edited(adapter: Path, where: Path, settings=None, tensors=None) -> Path:
+    shutil.copytree(adapter, where)
+    if settings:
+        data = json.loads((where / "adapter_config.json").read_text())
+        data.update(settings)
+        (where / "adapter_config.json").write_text(json.dumps(data))
+    if tensors:
+        saved = load_file(where / "adapter_model.safetensors")
+        saved.update(tensors)
+        save_file(saved, where / "adapter_model.safetensors")
+    return where
+
+
+@pytest.fixture(scope="module")
+def broken(family, adapters, tmp_path_factory):
+    """Adapters (and recipe changes) that an adapter merge refuses, with the words it says."""
+    root = tmp_path_factory.mktemp("broken")
+    good = adapters[0]
+    q = "base_model.model.model.layers.0.self_attn.q_proj"
+    dora = _make_adapter(
+        family[0],
+        root / "dora",
+        7,
+        r=2,
+        lora_alpha=2,
+        target_modules=["q_proj"],
+        use_dora=True,
+        b_scale=0.01,
+    )
+    bias = _make_adapter(
+        family[0],
+        root / "bias",
+        8,
+        r=2,
+        lora_alpha=2,
+        target_modules=["q_proj"],
+        bias="all",
+        b_scale=0.01,
+    )
+    other = _edited(good, root / "other", {"base_model_name_or_path": str(family[1])})
+    shape = _edited(good, root / "shape", tensors={q + ".lora_B.weight": torch.ones(32, 3)})
+    corrupt = _edited(good, root / "corrupt")
+    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    return {
+        "dora": ([dora], {}, ["dora", "DoRA", "lora_magnitude_vector"]),
+        "bias": ([bias], {}, ["bias", "trains biases"]),
+        "other-base": ([other], {}, ["other", "was trained on", str(family[1])]),
+        "shape": ([shape], {}, ["shape", "model.layers.0.self_attn.q_proj", "do not"]),
+        "ties": ([], {"merge_method": "ties+nan"}, ["ties+nan", "--full-model"]),
+        "linear": ([], {"merge_method": "linear+nan"}, ["linear ignores base_model"]),
+        "norm": ([], {"parameters": {"nan_norm": "weights"}}, ["nan_norm: weights"]),
+        "mixed": ([family[1]], {}, ["mixes LoRA adapters", str(family[1])]),
+        "corrupt": ([corrupt], {}, ["corrupt", "cannot read adapter_model.safetensors"]),
+        "gradient": ([], {"parameters": {"lambda": [1.0, 2.0]}}, ["lambda is a gradient"]),
+    }
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "dora",
+        "bias",
+        "other-base",
+        "shape",
+        "ties",
+        "linear",
+        "norm",
+        "mixed",
+        "corrupt",
+        "gradient",
+    ],
+)
+def test_refusals_name_the_problem_and_write_nothing(family, adapters, broken, tmp_path, case):
+    extra, changes, words = broken[case]
+    recipe = adapter_recipe(family, adapters[:2] + extra)
+    recipe.update(changes)
+    out = tmp_path / "out"
+    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
+
+
+def test_output_over_an_adapter_is_refused(family, adapters, tmp_path):
+    copy = shutil.copytree(adapters[0], tmp_path / "copy")
+    before = sorted((p.name, p.stat().st_size) for p in copy.iterdir())
+    recipe = adapter_recipe(family, [copy, adapters[1]])
+    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), copy, "--overwrite")
+    assert result.returncode == 1
+    assert "output-overwrites-input" in result.stderr or "overwrite" in result.stderr
+    assert sorted((p.name, p.stat().st_size) for p in copy.iterdir()) == before
+
+
+def test_rank_needs_an_adapter_recipe(family, tmp_path):
+    recipe = {
+        "merge_method": "nan",
+        "base_model": str(family[0]),
+        "models": [{"model": str(family[1])}, {"model": str(family[2])}],
+    }
+    out = tmp_path / "out"
+    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out, "--rank", "2")
+    assert result.returncode == 1 and "apply to adapter recipes" in result.stderr
+    assert not out.exists()
+
+
+def test_full_model_merges_a_sparsifying_method_as_mergekit_does(family, adapters, tmp_path):
+    recipe = adapter_recipe(family, adapters, "ties+nan")
+    for model in recipe["models"]:
+        model["parameters"] = {"density": 0.6}
+    path = write_recipe(tmp_path / "recipe.yml", recipe)
+    out = tmp_path / "full"
+    result = merge(path, out, "--full-model", "--no-copy-tokenizer")
+    assert result.returncode == 0, result.stderr
+    assert (out / "README.md").is_file() and not (out / "adapter_config.json").exists()
+    stock_out = tmp_path / "stock"
+    run_mergekit_yaml(stock_recipe(recipe), stock_out, "--lora-merge-cache", str(tmp_path / "c"))
+    got, stock = load_model_tensors(out), load_model_tensors(stock_out)
+    assert set(got) == set(stock)
+    assert all(torch.equal(got[name], stock[name]) for name in stock)
