@@ -43,6 +43,10 @@ def workspace(family, tmp_path_factory) -> Path:
         "dtype": "float32",
     }
     (root / "recipe.yml").write_text(yaml.safe_dump(recipe))
+    hand = {**recipe, "merge_method": "task_arithmetic"}
+    hand["models"] = [{"model": str(p), "parameters": {"weight": w}}
+                      for p, w in zip(fine_tunes, (0.5, 0.3, 0.2))]  # fmt: skip
+    (root / "hand.yml").write_text(yaml.safe_dump(hand))
     rng = random.Random(1)
     lines = [_words(rng, rng.randrange(2, 40)) for _ in range(30)] + ["w5"]
     (root / "a.txt").write_text("\n".join(lines[:15] + [""] + lines[15:]) + "\n")
@@ -60,7 +64,8 @@ def compared(workspace) -> Dict:
     """compare with four merged candidates (a half-split pick): its JSON and output."""
     result = _compare(
         workspace, "--data", "a.txt", "--data", "b.jsonl", "--exponent", "-1",
-        "--granularity", "layer", "--lambda", "0.5", "--max-length", str(MAX_LENGTH),
+        "--granularity", "layer", "--lambda", "0.5", "--against", "hand.yml",
+        "--max-length", str(MAX_LENGTH),
         "--seed", "3", "--bootstrap", "300", "--json", "out.json", "--csv", "out.csv", "-q",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -113,7 +118,7 @@ def independent(compared, workspace, family) -> Dict[str, Dict[str, DocumentLoss
     return found
 
 
-def test_candidates_are_the_recipe_its_baseline_and_the_sweeps(compared, family):
+def test_candidates_are_the_recipe_its_baseline_and_the_sweeps(compared, workspace):
     data = compared["json"]
     labels = [c["label"] for c in data["candidates"]]
     assert labels == [
@@ -122,7 +127,9 @@ def test_candidates_are_the_recipe_its_baseline_and_the_sweeps(compared, family)
         "nan exponent=-1",
         "nan lambda=0.5",
         "nan granularity=layer",
+        "hand.yml",
     ]
+    assert data["candidates"][5]["recipe"] == yaml.safe_load((workspace / "hand.yml").read_text())
     assert data["baseline"] == "uniform"
     baseline = data["candidates"][1]["recipe"]
     assert baseline["merge_method"] == "task_arithmetic"
@@ -178,7 +185,7 @@ def test_the_table_and_verdicts_are_printed_and_the_csv_holds_every_row(compared
     assert any(line.startswith(("no clear difference", compared["json"]["pick"]["label"]))
                for line in out.splitlines())  # fmt: skip
     rows = (workspace / "out.csv").read_text().splitlines()
-    assert len(rows) == 1 + 5 * 3  # header, then 5 candidates x (2 files + overall)
+    assert len(rows) == 1 + 6 * 3  # header, then 6 candidates x (2 files + overall)
 
 
 def test_the_bootstrap_is_deterministic_under_its_seed(workspace):
@@ -401,3 +408,33 @@ def test_ctrl_c_while_evaluating_leaves_no_model_and_no_file(workspace, tmp_path
     assert result.returncode == 130
     assert "Interrupted" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_messages_are_rendered_with_the_chat_template(family, tmp_path):
+    """A messages record is scored as the text the tokenizer's chat template renders."""
+    from transformers import AutoTokenizer
+
+    chatty = _model_copy(family[0], tmp_path / "chatty")
+    config = json.loads((chatty / "tokenizer_config.json").read_text())
+    config["chat_template"] = "{% for m in messages %}{{ m['content'] }} w9 {% endfor %}"
+    (chatty / "tokenizer_config.json").write_text(json.dumps(config))
+    rng = random.Random(2)
+    records = [
+        {"messages": [{"role": "user", "content": _words(rng, 5)},
+                      {"role": "assistant", "content": _words(rng, 7)}]}
+        for _ in range(6)
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    recipe = _recipe(tmp_path, chatty, family[1:])
+    result = run_command("mergekit-nan", "compare", recipe, "--data", "chat.jsonl", "--inputs",
+                         "--bootstrap", "20", "--json", "o.json", "-q", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    base = json.loads((tmp_path / "o.json").read_text())["candidates"][2]
+    assert base["model"] == str(chatty)
+    tokenizer = AutoTokenizer.from_pretrained(chatty)
+    texts = [tokenizer.apply_chat_template(r["messages"], tokenize=False) for r in records]
+    assert texts[0].count(" w9 ") == 2
+    (tmp_path / "rendered.txt").write_text("\n".join(texts) + "\n")
+    plain = _plain_losses(chatty, chatty, tmp_path / "rendered.txt")
+    assert base["files"]["chat.jsonl"]["tokens"] == int(plain.tokens.sum())
+    assert base["files"]["chat.jsonl"]["nll"] == pytest.approx(float(plain.loss()), rel=1e-6)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-__all__ = ["DATA_SUFFIXES", "DataError", "Document", "load_documents"]
+__all__ = ["DATA_SUFFIXES", "DataError", "Document", "check_distinct", "load_documents"]
 
 DATA_SUFFIXES = (".txt", ".jsonl", ".parquet", ".csv")
 """The file types a data file may have (or be a saved ``datasets`` directory)."""
