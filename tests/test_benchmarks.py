@@ -34,8 +34,8 @@ DOCUMENTED = [
 
 
 def documented_arguments(script: str) -> List[str]:
-    """The arguments of the documented command line of ``script`` (a file name)."""
-    (line,) = [c for c in DOCUMENTED if Path(c.split()[1]).name == script]
+    """The arguments of the documented command line of ``script`` (``FOLDER/NAME.py`` or ``NAME.py``)."""
+    (line,) = [c for c in DOCUMENTED if c.split()[1].endswith(f"/{script}")]
     return shlex.split(line)[2:]
 
 

@@ -36,7 +36,7 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "overhead"))  # its model families
 from overhead_models import FAMILIES, Shape, family_root, write_family  # noqa: E402
 
 DEFAULT_CACHE = Path(__file__).resolve().parent.parent / ".cache"
