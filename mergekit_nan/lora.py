@@ -22,28 +22,15 @@ nothing, and on busy cores its barrier waits made them 20-50x slower.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 
-__all__ = ["Truncation", "concatenate", "factor_norm", "factor_sum", "one_thread", "truncate"]
+from mergekit_nan.norms import one_thread
 
-
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """torch on one intra-op thread inside the block (process-wide, restored after)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+__all__ = ["Truncation", "concatenate", "factor_norm", "factor_sum", "truncate"]
 
 
 def _check(b: torch.Tensor, a: torch.Tensor) -> None:

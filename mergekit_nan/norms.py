@@ -57,6 +57,7 @@ __all__ = [
     "accumulation_dtype",
     "frobenius_norms",
     "norms_and_sums",
+    "one_thread",
     "plan_norm_pass",
     "run_windows",
 ]
@@ -174,10 +175,10 @@ def _single_threaded_kernels() -> None:
 
 
 @contextmanager
-def _cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
-    """The calling thread's kernels run on one thread inside the block (CPU only)."""
+def one_thread() -> Iterator[None]:
+    """torch's CPU kernels on one intra-op thread inside the block (restored after)."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if threads == 1:
         yield
         return
     torch.set_num_threads(1)
@@ -185,6 +186,16 @@ def _cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextmanager
+def _cpu_kernels_on_one_thread(device: torch.device) -> Iterator[None]:
+    """The calling thread's kernels run on one thread inside the block (CPU only)."""
+    if device.type != "cpu":
+        yield
+        return
+    with one_thread():
+        yield
 
 
 @dataclass

@@ -51,8 +51,9 @@ from mergekit_nan.doctor.adapters import (
     adapter_recipe,
 )
 from mergekit_nan.granularity import resolve_granularity
-from mergekit_nan.lora import concatenate, one_thread, truncate
+from mergekit_nan.lora import concatenate, truncate
 from mergekit_nan.method import NAN_PAPER_URL, weighted_sum
+from mergekit_nan.norms import one_thread
 from mergekit_nan.parameters import Granularity
 
 __all__ = ["AdapterMerge", "adapter_merge_or_stock", "merge_adapters", "merged_tensors"]
