@@ -6,6 +6,8 @@ from typing import Callable
 
 import click
 
+from mergekit_nan.commands.options import apply_options, reading_options
+
 __all__ = ["compare_options"]
 
 
@@ -93,18 +95,10 @@ def compare_options(command: Callable) -> Callable:
         click.option(
             "--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)"
         ),
-        click.option(
-            "--device", default=None, help="Merge and evaluate on this device (e.g. cuda:0)"
+        *reading_options(
+            device="Merge and evaluate on this device (e.g. cuda:0)",
+            cuda="Merge and evaluate on the GPU(s)",
+            multi_gpu="Merge with mergekit's multi-GPU executor",
         ),
-        click.option("--cuda", is_flag=True, help="Merge and evaluate on the GPU(s)"),
-        click.option("--multi-gpu", is_flag=True, help="Merge with mergekit's multi-GPU executor"),
-        click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
-        click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
-        click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
-        click.option("--allow-crimes", is_flag=True, help="Allow mixing architectures"),
-        click.option("--quiet", "-q", is_flag=True, help="No progress bars"),
-        click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks"),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return apply_options(command, options)

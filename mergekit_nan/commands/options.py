@@ -11,15 +11,17 @@ arguments into ``MergeOptions``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
 __all__ = [
     "STOCK_ONLY",
+    "apply_options",
     "granularity_option",
     "merge_options",
     "mergekit_options",
+    "reading_options",
     "writing_options",
 ]
 
@@ -58,17 +60,19 @@ def granularity_option() -> Callable:
     )
 
 
-def mergekit_options(command: Callable) -> Callable:
-    """The mergekit options that matter for reading models and computing norms."""
-    options = [
-        granularity_option(),
-        click.option("--device", default=None, help="Compute on this device (e.g. cuda:0)"),
-        click.option("--cuda", is_flag=True, help="Compute on the GPU (--device cuda)"),
-        click.option(
-            "--multi-gpu",
-            is_flag=True,
-            help="Spread the tensors over every GPU (mergekit's multi-GPU executor)",
-        ),
+def reading_options(
+    device: str = "Compute on this device (e.g. cuda:0)",
+    cuda: str = "Compute on the GPU (--device cuda)",
+    multi_gpu: str = "Spread the tensors over every GPU (mergekit's multi-GPU executor)",
+) -> List[Callable]:
+    """The mergekit options for reading models and computing on a device, as click options.
+
+    The help texts of the device options can be the command's own words.
+    """
+    return [
+        click.option("--device", default=None, help=device),
+        click.option("--cuda", is_flag=True, help=cuda),
+        click.option("--multi-gpu", is_flag=True, help=multi_gpu),
         click.option("--lora-merge-cache", default=None, help="Where to store merged LoRA models"),
         click.option("--transformers-cache", default=None, help="Hugging Face cache directory"),
         click.option("--trust-remote-code", is_flag=True, help="Trust remote code (danger)"),
@@ -76,9 +80,18 @@ def mergekit_options(command: Callable) -> Callable:
         click.option("--quiet", "-q", is_flag=True, help="No progress bar"),
         click.option("--verbose", "-v", is_flag=True, help="Log details; show tracebacks"),
     ]
+
+
+def apply_options(command: Callable, options: Sequence[Callable]) -> Callable:
+    """``command`` with ``options`` applied, the first listed first in ``--help``."""
     for option in reversed(options):
         command = option(command)
     return command
+
+
+def mergekit_options(command: Callable) -> Callable:
+    """The mergekit options that matter for reading models and computing norms."""
+    return apply_options(command, [granularity_option(), *reading_options()])
 
 
 def writing_options(command: Callable) -> Callable:
@@ -106,9 +119,7 @@ def writing_options(command: Callable) -> Callable:
             help="Alias for --cuda --low-cpu-memory --read-to-gpu --multi-gpu",
         )
     )
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return apply_options(command, options)
 
 
 def merge_options(arguments: Dict[str, Any], **settings: Optional[Any]):
