@@ -14,7 +14,6 @@ scored where they are.
 from __future__ import annotations
 
 import contextlib
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -124,17 +123,13 @@ def merge_candidate(
 ) -> None:
     """Merge ``candidate.recipe`` into ``out_path`` through mergekit's executor.
 
-    NAN recipes go through :func:`~mergekit_nan.commands.merge.merge_recipe`
-    (any granularity, atomic), others through ``run_merge`` inside an
-    :func:`~mergekit_nan.commands.output.atomic_directory`. With ``keep`` the
-    tokenizer and a model card are written as ``mergekit-nan merge`` would.
+    Every recipe goes through :func:`~mergekit_nan.commands.merge.merge_recipe`
+    (NAN at any granularity, stock methods as ``mergekit-yaml`` merges them;
+    atomic either way). With ``keep`` the tokenizer and a model card are
+    written as ``mergekit-nan merge`` would.
     """
-    from mergekit.merge import run_merge
-
     from mergekit_nan.commands.merge import merge_recipe
-    from mergekit_nan.commands.output import atomic_directory
     from mergekit_nan.doctor.guard import suspended
-    from mergekit_nan.doctor.recipe_walk import involves_nan
 
     assert candidate.recipe is not None
     config = MergeConfiguration.model_validate(candidate.recipe)
@@ -143,21 +138,14 @@ def merge_candidate(
         update={"copy_tokenizer": keep, "write_model_card": keep and options.write_model_card}
     )
     with suspended():  # compare checked the recipes before the first merge
-        if involves_nan(candidate.recipe):
-            merge_recipe(
-                config,
-                out_path,
-                options,
-                config_source=source,
-                source_name=candidate.label,
-                overwrite=overwrite,
-            )
-        else:
-            target = Path(os.path.realpath(os.path.expanduser(out_path)))
-            # mergekit's own card would name the partial directory.
-            options = options.model_copy(update={"write_model_card": False})
-            with atomic_directory(target, overwrite=overwrite) as partial:
-                run_merge(config, str(partial), options=options, config_source=source)
+        merge_recipe(
+            config,
+            out_path,
+            options,
+            config_source=source,
+            source_name=candidate.label,
+            overwrite=overwrite,
+        )
 
 
 def _forget_inputs() -> None:

@@ -37,7 +37,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import yaml
@@ -101,6 +101,23 @@ def _lora_cache(config: MergeConfiguration, options: MergeOptions) -> Iterator[M
 
 
 @contextlib.contextmanager
+def _writing(
+    target: Path, config: MergeConfiguration, options: MergeOptions, overwrite: bool
+) -> Iterator[Tuple[Path, MergeOptions]]:
+    """The partial directory to merge into and the options to merge with.
+
+    Around the block: the atomic output directory, a temporary LoRA cache
+    where the recipe needs one, and the NaN/Inf check of every merged tensor.
+    """
+    with (
+        atomic_directory(target, overwrite=overwrite) as partial,
+        _lora_cache(config, options) as options,
+        finite_outputs(),
+    ):
+        yield partial, options
+
+
+@contextlib.contextmanager
 def finite_outputs() -> Iterator[None]:
     """Inside the block, mergekit's writer refuses a merged tensor with NaN or Inf values.
 
@@ -155,8 +172,8 @@ def merge_recipe(
     For a ``nan``/``<method>+nan`` recipe, ``granularity`` None means the
     recipe's ``nan_granularity``, else ``tensor``. Any other recipe is merged
     as the stock ``mergekit-yaml`` merges it; ``granularity`` and
-    ``save_frozen`` must then be None (``ValueError``). ``config_source`` is the recipe's text (for the model card and
-    ``mergekit_config.yml``); ``save_frozen`` a path for the frozen stock
+    ``save_frozen`` must then be None (``ValueError``). ``config_source`` is
+    the recipe's text (for the model card and ``mergekit_config.yml``); ``save_frozen`` a path for the frozen stock
     recipe (measuring the coefficients at ``tensor`` granularity too).
     ``out_path`` must be new or empty unless ``overwrite``; it is replaced
     whole once the model is complete, and left as it was if anything fails
@@ -174,11 +191,7 @@ def merge_recipe(
     require_nan_recipe(config)
     plain = without_granularity(config)
     inspection = frozen = None
-    with (
-        atomic_directory(target, overwrite=overwrite) as partial,
-        _lora_cache(plain, options) as options,
-        finite_outputs(),
-    ):
+    with _writing(target, plain, options, overwrite) as (partial, options):
         if granularity != "tensor" or save_frozen is not None:
             inspection = measure_recipe(plain, granularity, options)
             frozen = frozen_yaml(
@@ -208,11 +221,7 @@ def _merge_stock(
     config: MergeConfiguration, target: Path, options: MergeOptions, source: str, overwrite: bool
 ) -> None:
     """``run_merge`` as the stock ``mergekit-yaml`` calls it, into a partial directory."""
-    with (
-        atomic_directory(target, overwrite=overwrite) as partial,
-        _lora_cache(config, options) as options,
-        finite_outputs(),
-    ):
+    with _writing(target, config, options, overwrite) as (partial, options):
         # mergekit's own card would name the partial directory: this module writes it.
         inner = options.model_copy(update={"write_model_card": False})
         run_merge(config, str(partial), options=inner, config_source=source)
