@@ -19,6 +19,7 @@ from mergekit_nan.coefficients import coefficients_from_norms
 from mergekit_nan.errors import RecipeError, TensorError, TensorTypeError
 from mergekit_nan.norms import NonFiniteInputError, norms_and_sums
 from mergekit_nan.parameters import NanNorm
+from mergekit_nan.shared_norms import NormTable, active_table
 
 __all__ = ["Weighting", "check_scale", "group_weighting", "uses_base"]
 
@@ -100,6 +101,28 @@ def uses_base(group: TensorGroup, nan_norm: NanNorm) -> bool:
     return group.base is not None and nan_norm != "weights"
 
 
+def _norms(
+    group: TensorGroup,
+    inputs: Sequence[TensorEntry],
+    base: Optional[torch.Tensor],
+    scratch: Optional[torch.Tensor],
+    moments: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The norm pass over ``inputs`` (and their sums with ``moments``); errors name the models."""
+    try:
+        return norms_and_sums(
+            [entry.tensor for entry in inputs], base, scratch=scratch, with_sums=moments
+        )
+    except NonFiniteInputError as error:
+        models = [str(inputs[index].id) for index in error.indices]
+        if error.base:
+            models.append(f"{group.base.id} (base)")
+        raise TensorError(
+            f"NaN or Inf values in tensor {_label(group)} of model(s) "
+            f"{', '.join(models)}; NAN coefficients are undefined"
+        ) from None
+
+
 def group_weighting(
     group: TensorGroup,
     inputs: Sequence[TensorEntry],
@@ -118,8 +141,10 @@ def group_weighting(
     norms are computed on the inputs' device in float32 (float64 for float64
     inputs). ``prior`` maps input ids to non-negative weights; ``scratch`` is
     working memory for :func:`~mergekit_nan.norms.norms_and_sums`; with
-    ``moments`` the same pass also sums each x_i. Errors name the tensor and
-    the model.
+    ``moments`` the same pass also sums each x_i. Inside
+    :func:`~mergekit_nan.shared_norms.sharing` the norms come from the shared
+    table where it has them (no pass, and no sums), and are filed there
+    otherwise. Errors name the tensor and the model.
     """
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
@@ -128,18 +153,16 @@ def group_weighting(
                 f"model {entry.id} is {entry.tensor.dtype}"
             )
     base = group.base.tensor if uses_base(group, nan_norm) else None
-    try:
-        norms, sums = norms_and_sums(
-            [entry.tensor for entry in inputs], base, scratch=scratch, with_sums=moments
-        )
-    except NonFiniteInputError as error:
-        models = [str(inputs[index].id) for index in error.indices]
-        if error.base:
-            models.append(f"{group.base.id} (base)")
-        raise TensorError(
-            f"NaN or Inf values in tensor {_label(group)} of model(s) "
-            f"{', '.join(models)}; NAN coefficients are undefined"
-        ) from None
+    table = active_table()
+    key = None
+    if table is not None and inputs:
+        base_id = None if base is None else group.base.id
+        key = NormTable.key(group.metadata.name, [e.id for e in inputs], base_id, inputs[0].tensor)
+    norms = None if key is None else table.find(key, inputs[0].tensor.device)
+    filed = norms is not None
+    sums = None
+    if not filed:
+        norms, sums = _norms(group, inputs, base, scratch, moments)
     weights = None
     if prior is not None:
         weights = torch.tensor(
@@ -151,6 +174,8 @@ def group_weighting(
         raise TensorError(f"{error} (tensor {_label(group)})") from None
     rows = [norms, shares.to(norms.dtype)] + ([] if sums is None else [sums.to(norms.dtype)])
     norms_list, shares_list, *sums_list = torch.stack(rows).tolist()
+    if key is not None and not filed:
+        table.add(key, norms_list, norms.dtype)
     return Weighting(
         models=tuple(entry.id for entry in inputs),
         norms=tuple(norms_list),

@@ -14,7 +14,8 @@
 * ``--inputs``: the base and each input model alone (no merge).
 
 A derived recipe equal to one already listed is left out (it would be merged
-twice for the same numbers). Recipes are plain mappings, exactly what stock
+twice for the same numbers). Candidates with the same :func:`norm_group`
+need the same norms, so compare runs their norm pass once. Recipes are plain mappings, exactly what stock
 ``mergekit-yaml`` (with the plugin) merges; one with ``nan_granularity`` layer or
 model is what ``mergekit-nan merge`` merges.
 """
@@ -22,6 +23,7 @@ model is what ``mergekit-nan merge`` merges.
 from __future__ import annotations
 
 import copy
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -29,9 +31,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from mergekit_nan.modifier import COMPOSITE_SUFFIX
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 
-__all__ = ["Candidate", "CandidateSet", "build_candidates", "parse_values"]
+__all__ = ["Candidate", "CandidateSet", "build_candidates", "norm_group", "parse_values"]
 
 _NAN_KEYS = (NAN_EXPONENT.name, NAN_NORM.name, NAN_GRANULARITY.name)
+_AFTER_THE_NORMS = (NAN_EXPONENT.name, "lambda", NAN_GRANULARITY.name)
+"""Top-level parameters that act only on the norms once measured, never on the norms."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,22 @@ def parse_values(option: str, text: Optional[str], kind: type) -> Tuple[Any, ...
     if not values:
         raise ValueError(f"{option} needs at least one value")
     return tuple(values)
+
+
+def norm_group(recipe: Mapping[str, Any]) -> str:
+    """What the norms of ``recipe``'s merge depend on, as a comparable string.
+
+    The recipe without its top-level ``nan_exponent``, ``lambda`` and
+    ``nan_granularity``: the exponent and ``lambda`` act on coefficients
+    computed from the norms, and a granularity pools them. Everything else
+    (models, base, ``nan_norm``, slices, dtype, every per-model parameter)
+    stays, so recipes in one group plan the same tensors from the same inputs.
+    """
+    parameters = {
+        k: v for k, v in (recipe.get("parameters") or {}).items() if k not in _AFTER_THE_NORMS
+    }
+    rest = {k: v for k, v in recipe.items() if k != "parameters"}
+    return json.dumps({**rest, "parameters": parameters}, sort_keys=True, default=str)
 
 
 def _model_entries(recipe: Mapping[str, Any]) -> List[Dict[str, Any]]:

@@ -9,6 +9,13 @@ device is spread), scores every file in batches (:func:`evaluate_model`) and
 deletes it before the next merge: at most one merged model is on disk at a
 time, and an error or Ctrl-C leaves none. Input models (``--inputs``) are
 scored where they are.
+
+Candidates of one :func:`~mergekit_nan.commands.compare_candidates.norm_group`
+share a :class:`~mergekit_nan.shared_norms.NormTable`: the first NAN merge of
+the group runs the norm pass, the later ones take its norms (and so merge
+exactly the tensors they would have merged computing them). A ``layer`` or
+``model`` candidate that finds the norms still reads the inputs once to plan
+its frozen recipe, without the norm arithmetic.
 """
 
 from __future__ import annotations
@@ -24,8 +31,9 @@ from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.compare import CompareSettings, HeldOutFile, Prepared
-from mergekit_nan.commands.compare_candidates import Candidate
+from mergekit_nan.commands.compare_candidates import Candidate, norm_group
 from mergekit_nan.evaluation import DocumentLosses, document_losses
+from mergekit_nan.shared_norms import NormTable, sharing
 
 __all__ = ["evaluate_model", "merge_candidate", "run_compare"]
 
@@ -175,6 +183,7 @@ def run_compare(
     ``settings.work_dir``) only while it is evaluated.
     """
     losses: List[List[DocumentLosses]] = []
+    tables: Dict[str, NormTable] = {}
     token_counts = [
         torch.tensor([len(ids) - 1 for ids in f.token_ids], dtype=torch.long)
         for f in prepared.files
@@ -191,9 +200,12 @@ def run_compare(
                 label=candidate.label,
             )
         else:
-            echo(f"[{number}/{count}] {candidate.label}: merging and evaluating")
+            table = tables.setdefault(norm_group(candidate.recipe), NormTable())
+            shared = " (norms of an earlier candidate)" if len(table) else ""
+            echo(f"[{number}/{count}] {candidate.label}: merging{shared} and evaluating")
             with _scratch(settings.work_dir) as scratch:
-                merge_candidate(candidate, str(scratch / "model"), options)
+                with sharing(table):
+                    merge_candidate(candidate, str(scratch / "model"), options)
                 _forget_inputs()
                 sums = evaluate_model(
                     str(scratch / "model"),
