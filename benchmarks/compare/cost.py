@@ -20,8 +20,8 @@ The models are ``benchmarks/overhead/overhead_models.py``'s seeded Llama shapes 
 134m``: SmolLM-135M-shaped, bf16) with a word-level tokenizer of their
 vocabulary added; the text is seeded random words of that vocabulary.
 
-Run: ``python benchmarks/compare/cost.py --size 134m --tokens 50000`` (``--size tiny``
-for a quick check).
+Run: ``python benchmarks/compare/cost.py --size 134m --tokens 50000`` (``--size tiny
+--tokens 2000`` for a quick check).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -121,14 +121,14 @@ def by_hand_side(work: Path, recipes: Dict[str, Dict], tokenizer: Path):
     return runs, losses
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(FAMILIES), default="134m")
     parser.add_argument("--tokens", type=int, default=50_000, help="Held-out tokens to score")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, default=None, help="Write every run here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     family = FAMILIES[args.size]
     paths = build_family(args.cache, args.size)
     add_tokenizer(paths, family.shape.vocab_size)
@@ -177,7 +177,8 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({"results": results, "losses": losses}, indent=1))
     shutil.rmtree(work)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
