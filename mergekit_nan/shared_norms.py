@@ -34,9 +34,6 @@ __all__ = ["NormKey", "NormTable", "active_table", "sharing"]
 NormKey = Tuple[Optional[str], Tuple[Hashable, ...], Optional[Hashable], str, int]
 """(output tensor, models weighed, base of the x_i or None, input dtype, elements)."""
 
-_ACTIVE: Optional["NormTable"] = None
-_ACTIVE_LOCK = threading.Lock()
-
 
 class NormTable:
     """Each tensor group's norms, filed by :data:`NormKey`; safe to share between threads.
@@ -80,6 +77,10 @@ class NormTable:
             if key not in self._norms:
                 self.computed += 1
             self._norms[key] = (tuple(norms), dtype)
+
+
+_ACTIVE: Optional[NormTable] = None
+_ACTIVE_LOCK = threading.Lock()
 
 
 def active_table() -> Optional[NormTable]:
