@@ -111,6 +111,27 @@ def test_inspect_cuda_equals_cpu(family, tmp_path):
             assert model_cuda["weight"] == pytest.approx(model_cpu["weight"], abs=1e-6)
 
 
+def test_compare_cuda_equals_cpu(family, tmp_path):
+    """Merged and scored on the GPU (norms shared between candidates), the CPU's numbers."""
+    recipe = tmp_path / "recipe.yml"
+    recipe.write_text(yaml.safe_dump(yaml_recipe("nan", family)))
+    (tmp_path / "a.txt").write_text("w3 w4 w5 w6 w7\nw8 w9 w10\nw11 w12 w13 w14\n")
+    found = {}
+    for device, flags in (("cpu", []), ("cuda", ["--cuda"])):
+        out = tmp_path / f"{device}.json"
+        arguments = ["compare", str(recipe), "--data", str(tmp_path / "a.txt"), "-q",
+                     "--exponent", "-1", "--granularity", "layer", "--json", str(out), *flags]  # fmt: skip
+        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        found[device] = json.loads(out.read_text())["candidates"]
+    assert [c["label"] for c in found["cuda"]] == [c["label"] for c in found["cpu"]]
+    for on_cuda, on_cpu in zip(found["cuda"], found["cpu"]):
+        ((file, cpu),) = on_cpu["files"].items()
+        cuda = on_cuda["files"][file]
+        assert cuda["tokens"] == cpu["tokens"]
+        assert cuda["nll"] == pytest.approx(cpu["nll"], rel=1e-5)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_multi_gpu_merge_and_inspect_equal_cpu(family, tmp_path):
     recipe = tmp_path / "recipe.yml"
