@@ -1,7 +1,8 @@
-"""Smoke test of compare's cost benchmark at its tiny size: both sides run and score the same tokens.
+"""Smoke tests of compare's benchmarks at their tiny size.
 
-It checks that the script runs end to end and that compare and the by-hand
-side agree on every candidate's loss; it asserts nothing about speed.
+They check that the scripts run end to end, that compare and the by-hand side
+agree on every candidate's loss, and that a merge with shared norms writes
+what a merge alone writes; they assert nothing about speed.
 """
 
 from __future__ import annotations
@@ -30,3 +31,15 @@ def test_cost_benchmark_runs_both_sides_at_the_tiny_size(tmp_path):
         assert side["wall"] > 0 and side["rss"] > 0 and side["cpu"] > 0
     assert "compare / by hand: wall ratio" in stdout
     assert not (tmp_path / "compare-cost-tiny").exists()  # the work directory is removed
+
+
+def test_shared_norms_benchmark_merges_the_same_tensors_both_ways(tmp_path):
+    out = tmp_path / "shared.json"
+    arguments = documented_arguments("compare/shared_norms.py")
+    stdout = _run("shared_norms.py", *arguments, "--cache", str(tmp_path), "--json", str(out))
+    payload = json.loads(out.read_text())
+    assert payload["same"] == {"nan_exponent -1": True, "nan_granularity layer": True}
+    for label, ways in payload["runs"].items():
+        assert len(ways["alone"]) == len(ways["shared"]) == 1
+        assert f"| {label} | " in stdout
+    assert not (tmp_path / "compare-shared-norms-tiny").exists()

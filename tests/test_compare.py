@@ -83,7 +83,7 @@ def _plain_losses(model_path: Path, tokenizer_path: Path, data: Path) -> Documen
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
-    model = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
     sums, counts = [], []
     for text in _documents(data):
         ids = tokenizer(text)["input_ids"][:MAX_LENGTH]

@@ -29,7 +29,7 @@ def main() -> None:
     documents = [ids for ids in documents if len(ids) >= 2]
     results = {}
     for path in args.models:
-        model = AutoModelForCausalLM.from_pretrained(path, torch_dtype="auto").eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
         total, count = 0.0, 0
         with torch.inference_mode():
             for ids in documents:

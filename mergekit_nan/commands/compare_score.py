@@ -90,7 +90,7 @@ def evaluate_model(
     placement, _ = _placement(options)
     with _loading_bar(not options.quiet):
         model = AutoModelForCausalLM.from_pretrained(
-            path, torch_dtype="auto", trust_remote_code=options.trust_remote_code, **placement
+            path, dtype="auto", trust_remote_code=options.trust_remote_code, **placement
         )
     model.eval()
     device = model.get_input_embeddings().weight.device
