@@ -438,3 +438,28 @@ def test_chat_messages_are_rendered_with_the_chat_template(family, tmp_path):
     plain = _plain_losses(chatty, chatty, tmp_path / "rendered.txt")
     assert base["files"]["chat.jsonl"]["tokens"] == int(plain.tokens.sum())
     assert base["files"]["chat.jsonl"]["nll"] == pytest.approx(float(plain.loss()), rel=1e-6)
+
+
+def test_the_exponent_sweep_reads_the_regime_against_equal_weights():
+    from mergekit_nan.commands.compare_candidates import Candidate
+    from mergekit_nan.commands.compare_summary import regime_reading
+
+    candidates = [
+        Candidate("nan", "recipe", {"merge_method": "nan"}),
+        Candidate("uniform", "baseline", {"merge_method": "task_arithmetic"}),
+        Candidate("nan exponent=-1", "exponent", {"merge_method": "nan"}, value=-1.0),
+    ]
+    noise = torch.linspace(-0.001, 0.001, 101, dtype=torch.float64)
+    spread = torch.stack([noise, noise, noise.flip(0)])  # -1's draws vary against the others'
+
+    def reading(nan: float, uniform: float, minus_one: float) -> str:
+        losses = torch.tensor([nan, uniform, minus_one], dtype=torch.float64)
+        return regime_reading(candidates, 1, losses[:, None] + spread, losses)
+
+    assert reading(1.00, 1.01, 1.02).startswith("The models look like NAN's regime")
+    assert reading(1.02, 1.01, 1.00).startswith("The models look like the other regime")
+    neither = reading(1.02, 1.00, 1.03)
+    assert neither.startswith("The exponent sweep finds neither regime: uniform beats")
+    assert "nan_exponent 1 by 0.0200 and -1 by 0.0300" in neither
+    assert reading(1.01, 1.01, 1.0105).startswith("The exponent sweep cannot tell")
+    assert regime_reading(candidates[:2], 1, torch.zeros(2, 3), torch.zeros(2)) is None

@@ -21,7 +21,7 @@ from mergekit_nan.commands.compare_candidates import Candidate
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 from mergekit_nan.parameters import NAN_EXPONENT
 
-__all__ = ["Difference", "Pick", "Score", "Summary", "summarize"]
+__all__ = ["Difference", "Pick", "Score", "Summary", "regime_reading", "summarize"]
 
 _BOOTSTRAP, _SPLIT, _REPORT = 0, 1, 2
 
@@ -121,20 +121,39 @@ def _exponent(candidate: Candidate) -> Optional[float]:
     return None
 
 
-def _regime(
-    candidates: Sequence[Candidate], loss_draws: torch.Tensor, losses: torch.Tensor
+def regime_reading(
+    candidates: Sequence[Candidate], baseline: int, draws: torch.Tensor, losses: torch.Tensor
 ) -> Optional[str]:
-    """What the exponent sweep says about NAN's premise (None without both signs)."""
+    """What the exponent sweep says about NAN's premise (None without exponents of both signs).
+
+    ``draws[c]`` are candidate c's bootstrap losses, ``losses[c]`` its loss. The
+    lowest exponent (e.g. -1: larger update, larger weight) is set against the
+    highest (NAN's 1), with the baseline's equal weights (exponent 0) between
+    them: when the baseline clearly beats both, the update sizes say nothing
+    about which model to trust, whichever of the two loses less; else the one
+    that clearly beats the other names the regime.
+    """
     exponents = [(e, i) for i, c in enumerate(candidates) if (e := _exponent(c)) is not None]
     if not any(e < 0 for e, _ in exponents) or not any(e > 0 for e, _ in exponents):
         return None
     low_e, low = min(exponents)
     high_e, high = max(exponents)
-    found = _difference(loss_draws[low] - loss_draws[high], float(losses[low] - losses[high]))
+    found = _difference(draws[low] - draws[high], float(losses[low] - losses[high]))
     between = (
         f"nan_exponent {low_e:g} against {high_e:g}: {found.diff:+.4f} nats/token "
         f"({found.low:+.4f} to {found.high:+.4f})"
     )
+    behind = [
+        _difference(draws[i] - draws[baseline], float(losses[i] - losses[baseline]))
+        for i in (high, low)
+    ]
+    if all(d.verdict == "worse" for d in behind):
+        return (
+            f"The exponent sweep finds neither regime: {candidates[baseline].label} beats "
+            f"nan_exponent {high_e:g} by {behind[0].diff:.4f} and {low_e:g} by "
+            f"{behind[1].diff:.4f} nats/token (both clear), so the update sizes do not tell "
+            f"which model to trust here; {between}."
+        )
     if found.verdict == "better":
         return (
             f"The models look like the other regime: {between}. A larger update deserves a "
@@ -222,5 +241,5 @@ def summarize(
         overall_differences,
         found,
         winner,
-        _regime(candidates, pooled_draws, pooled),
+        regime_reading(candidates, base, pooled_draws, pooled),
     )
