@@ -12,7 +12,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Dict, List  # noqa: E402
+from typing import Dict, List, Sequence  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -73,6 +73,20 @@ def run_mergekit_yaml(
     if check and result.returncode != 0:
         raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
     return result
+
+
+def family_recipe(family: Sequence[Path], method: str = "nan", **parameters) -> Dict:
+    """A float32 recipe: ``family[0]`` as the base, the others as the models, ``parameters`` on top."""
+    base, *tuned = family
+    recipe: Dict = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(p)} for p in tuned],
+        "dtype": "float32",
+    }
+    if parameters:
+        recipe["parameters"] = parameters
+    return recipe
 
 
 def load_model_tensors(path: Path) -> Dict[str, torch.Tensor]:

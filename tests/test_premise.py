@@ -11,7 +11,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors
+from conftest import family_recipe, load_model_tensors
 from safetensors.torch import save_file
 from stock import run_command
 
@@ -33,15 +33,7 @@ def shifted_family(family, tmp_path_factory) -> List[Path]:
 
 
 def recipe_file(paths: List[Path], directory: Path, method: str = "nan") -> Path:
-    base, *tuned = paths
-    config = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in tuned],
-        "dtype": "float32",
-    }
-    if method != "nan":
-        config["parameters"] = {"density": 0.5}
+    config = family_recipe(paths, method, **({} if method == "nan" else {"density": 0.5}))
     path = directory / "recipe.yml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import pytest
 import yaml
-from conftest import load_model_tensors
+from conftest import family_recipe, load_model_tensors
 from stock import STALL_MARKER, run_command, start_child, wait_for
 
 from mergekit_nan.commands.output import PARTIAL, leftovers
@@ -39,14 +39,7 @@ def snapshot(*roots: Path) -> Dict[str, str]:
 
 
 def write_recipe(path: Path, family: List[Path], method: str = "nan") -> Path:
-    base, *tuned = family
-    recipe = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in tuned],
-        "dtype": "float32",
-    }
-    path.write_text(yaml.safe_dump(recipe))
+    path.write_text(yaml.safe_dump(family_recipe(family, method)))
     return path
 
 

@@ -14,7 +14,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors
+from conftest import family_recipe, load_model_tensors
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
@@ -26,19 +26,6 @@ from mergekit_nan.commands.merge import merge_recipe
 from mergekit_nan.shared_norms import NormTable, sharing
 
 OPTIONS = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
-
-
-def _recipe(family: List[Path], method: str = "nan", **parameters) -> Dict:
-    base, *fine_tunes = family
-    recipe = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in fine_tunes],
-        "dtype": "float32",
-    }
-    if parameters:
-        recipe["parameters"] = parameters
-    return recipe
 
 
 def _merge(recipe: Dict, out: Path) -> Dict[str, torch.Tensor]:
@@ -64,12 +51,12 @@ def norm_passes(monkeypatch) -> List[int]:
 def test_merges_sharing_a_table_run_one_norm_pass_and_write_the_same_tensors(
     family, tmp_path, norm_passes, method
 ):
-    first = _recipe(family, method)
+    first = family_recipe(family, method)
     variants = {
-        "exponent": _recipe(family, method, nan_exponent=-1.0),
-        "lambda": _recipe(family, method, **{"lambda": 0.5}),
-        "layer": _recipe(family, method, nan_granularity="layer"),
-        "model": _recipe(family, method, nan_granularity="model", nan_exponent=0.5),
+        "exponent": family_recipe(family, method, nan_exponent=-1.0),
+        "lambda": family_recipe(family, method, **{"lambda": 0.5}),
+        "layer": family_recipe(family, method, nan_granularity="layer"),
+        "model": family_recipe(family, method, nan_granularity="model", nan_exponent=0.5),
     }
     assert len({norm_group(r) for r in (first, *variants.values())}) == 1
     fresh = {name: _merge(r, tmp_path / "fresh" / name) for name, r in variants.items()}
@@ -96,7 +83,7 @@ def test_the_table_holds_the_task_vector_norms_and_keeps_other_norms_apart(
     base, *fine_tunes = family
     table = NormTable()
     with sharing(table):
-        _merge(_recipe(family), tmp_path / "delta")
+        _merge(family_recipe(family), tmp_path / "delta")
     base_tensors = load_model_tensors(base)
     name = "model.layers.0.mlp.up_proj.weight"
     models = [ModelReference.parse(str(p)) for p in fine_tunes]
@@ -110,7 +97,7 @@ def test_the_table_holds_the_task_vector_norms_and_keeps_other_norms_apart(
     assert found.tolist() == pytest.approx(expected, rel=1e-6)
 
     # The same models with nan_norm: weights need the tensors' own norms: computed, not found.
-    weights = _recipe(family, nan_norm="weights")
+    weights = family_recipe(family, nan_norm="weights")
     fresh = _merge(weights, tmp_path / "fresh")
     passes = len(norm_passes)
     with sharing(table):
@@ -130,10 +117,10 @@ def test_sharing_blocks_do_not_nest():
 
 
 def test_norm_groups_ignore_only_what_acts_after_the_norms(family):
-    recipe = _recipe(family, nan_exponent=2.0)
-    same = _recipe(family, **{"lambda": 0.3, "nan_granularity": "model"})
+    recipe = family_recipe(family, nan_exponent=2.0)
+    same = family_recipe(family, **{"lambda": 0.3, "nan_granularity": "model"})
     assert norm_group(recipe) == norm_group(same)
-    other_norm = _recipe(family, nan_norm="weights")
+    other_norm = family_recipe(family, nan_norm="weights")
     other_models = {**recipe, "models": recipe["models"][:2]}
     per_model = json.loads(json.dumps(recipe))
     per_model["models"][0]["parameters"] = {"nan_exponent": 2.0}
@@ -144,7 +131,7 @@ def test_norm_groups_ignore_only_what_acts_after_the_norms(family):
 def test_compare_runs_the_norm_pass_once_for_its_nan_candidates(family, tmp_path, norm_passes):
     from stock import run_command
 
-    recipe = _recipe(family)
+    recipe = family_recipe(family)
     (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))
     (tmp_path / "a.txt").write_text("w3 w4 w5 w6\nw7 w8 w9\n")
     weighed = len(inspect_recipe(MergeConfiguration.model_validate(recipe)).tensors)
