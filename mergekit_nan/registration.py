@@ -21,11 +21,16 @@ from mergekit.merge_methods import MergeMethod
 from mergekit_nan.method import NanMerge, nan_merge_method
 from mergekit_nan.modifier import COMPOSITE_SUFFIX, NanCoefficients, takes_weight
 
-__all__ = ["UnknownCompositeError", "modifiable_methods", "register_methods"]
+__all__ = ["UnknownCompositeError", "is_nan_method", "modifiable_methods", "register_methods"]
 
 
 class UnknownCompositeError(RuntimeError):
     """A ``<name>+nan`` method that does not exist."""
+
+
+def is_nan_method(method: MergeMethod) -> bool:
+    """Whether ``method`` sets NAN coefficients: ``nan`` or a ``<method>+nan`` composite."""
+    return isinstance(method, (NanMerge, NanCoefficients))
 
 
 def modifiable_methods() -> Tuple[str, ...]:
@@ -33,7 +38,7 @@ def modifiable_methods() -> Tuple[str, ...]:
     return tuple(
         method.spec.name
         for method in registry.registered_methods()
-        if takes_weight(method) and not isinstance(method, (NanMerge, NanCoefficients))
+        if takes_weight(method) and not is_nan_method(method)
     )
 
 

@@ -54,6 +54,7 @@ from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.norms import norms_and_sums
 from mergekit_nan.parameters import Granularity
+from mergekit_nan.registration import is_nan_method
 from mergekit_nan.weighting import Weighting
 
 __all__ = [
@@ -153,7 +154,7 @@ def _weighting(
         normalize = bool(_setting(config, None, "normalize", name) or False)
         priors = [_number(w, "weight", name, None) for w in given]
     references = tuple(adapter.reference for adapter in recipe.adapters)
-    if not isinstance(method, (NanMerge, NanCoefficients)):
+    if not is_nan_method(method):
         missing = [str(r) for r, w in zip(references, priors) if w is None]
         if missing:
             raise AdapterError(
@@ -243,7 +244,7 @@ def adapter_updates(
     """
     method = factor_method(config)
     nan = isinstance(method, NanMerge)
-    if granularity != "tensor" and not isinstance(method, (NanMerge, NanCoefficients)):
+    if granularity != "tensor" and not is_nan_method(method):
         raise AdapterError(
             f"--granularity {granularity} needs a NAN method, not {config.merge_method}"
         )
@@ -337,7 +338,7 @@ def adapter_inspection(
     is :func:`adapter_updates`'s result when the caller has it.
     """
     method = factor_method(config)
-    if not isinstance(method, (NanMerge, NanCoefficients)):
+    if not is_nan_method(method):
         raise AdapterError(
             f"the recipe's merge_method is {config.merge_method!r}, which does not use NAN "
             "coefficients; use nan or task_arithmetic+nan"

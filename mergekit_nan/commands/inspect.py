@@ -52,11 +52,10 @@ from mergekit_nan.granularity import (
     without_granularity,
 )
 from mergekit_nan.measure import measuring
-from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
 from mergekit_nan.planning import plan_recipe
-from mergekit_nan.registration import modifiable_methods, register_methods
+from mergekit_nan.registration import is_nan_method, modifiable_methods, register_methods
 from mergekit_nan.weighting import Weighting
 
 __all__ = [
@@ -157,9 +156,9 @@ def load_recipe(path: str) -> MergeConfiguration:
     return MergeConfiguration.model_validate(data)
 
 
-def _check_method(name: str) -> None:
-    register_methods()
-    if not isinstance(merge_methods.get(name), (NanMerge, NanCoefficients)):
+def _check_method(config: MergeConfiguration) -> None:
+    name = config.merge_method
+    if not uses_nan(config):
         choices = ", ".join(f"{m}+nan" for m in modifiable_methods())
         raise ValueError(
             f"the recipe's merge_method is {name!r}, which does not use NAN "
@@ -182,12 +181,12 @@ def check_models(config: MergeConfiguration) -> None:
 def uses_nan(config: MergeConfiguration) -> bool:
     """Whether the recipe's merge method is ``nan`` or a ``<method>+nan`` (NAN coefficients)."""
     register_methods()
-    return isinstance(merge_methods.get(config.merge_method), (NanMerge, NanCoefficients))
+    return is_nan_method(merge_methods.get(config.merge_method))
 
 
 def require_nan_recipe(config: MergeConfiguration) -> None:
     """Refuse a recipe without a NAN method, or with local models that do not exist."""
-    _check_method(config.merge_method)
+    _check_method(config)
     check_models(config)
 
 

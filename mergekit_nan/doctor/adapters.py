@@ -34,9 +34,7 @@ from mergekit_nan.doctor.adapter_files import (
     read_adapter,
 )
 from mergekit_nan.doctor.findings import Finding
-from mergekit_nan.method import NanMerge
-from mergekit_nan.modifier import NanCoefficients
-from mergekit_nan.registration import register_methods
+from mergekit_nan.registration import is_nan_method, register_methods
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -218,9 +216,7 @@ def factor_method(config: MergeConfiguration):
             "use task_arithmetic+nan (normalize: true gives linear's normalised "
             "weights) or nan"
         )
-    elif isinstance(method, (NanMerge, NanCoefficients)) or "weight" in {
-        p.name for p in method.spec.parameters
-    }:
+    elif is_nan_method(method) or "weight" in {p.name for p in method.spec.parameters}:
         why = (
             "it is not a weighted sum of the adapters' updates (sparsifying methods such "
             "as TIES, DARE and DELLA act on the elements of each dense update, so the "
