@@ -28,7 +28,7 @@ from typing import Sequence, Tuple
 
 import torch
 
-from mergekit_nan.norms import one_thread
+from mergekit_nan.worker_pool import one_thread
 
 __all__ = ["Truncation", "concatenate", "factor_norm", "factor_sum", "truncate"]
 

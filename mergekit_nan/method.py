@@ -34,9 +34,10 @@ from mergekit.merge_methods.base import (
 from mergekit_nan.coefficients import accumulation_dtype
 from mergekit_nan.errors import TensorOverflowError
 from mergekit_nan.measure import MeasurableMethod, record
-from mergekit_nan.norms import plan_norm_pass, run_windows
+from mergekit_nan.norms import plan_norm_pass
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
+from mergekit_nan.worker_pool import run_windows
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method", "weighted_sum"]
 
@@ -65,7 +66,7 @@ def weighted_sum(result: torch.Tensor, terms: Sequence[Tuple[torch.Tensor, float
     a cache-sized window at a time into a kept buffer instead, and the first term is
     written rather than added to zeros: every input is read once and nothing is allocated.
     Large tensors are shared out window by window between worker threads, as in the
-    norm pass (:func:`~mergekit_nan.norms.run_windows`); every element's floats are the
+    norm pass (:func:`~mergekit_nan.worker_pool.run_windows`); every element's floats are the
     same whichever thread computes them.
     """
     if not terms:

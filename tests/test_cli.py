@@ -25,7 +25,7 @@ from mergekit.config import ConditionalParameter, evaluate_setting
 from stock import run_command
 
 from mergekit_nan.commands.cli import main
-from mergekit_nan.commands.freeze import _setting
+from mergekit_nan.commands.inspection.freeze import _setting
 from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 
 LAYERS = 2
@@ -454,7 +454,7 @@ MEMORY_PROBE = r"""
 import json, resource, sys
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
-from mergekit_nan.commands.inspect import inspect_recipe
+from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
 
 def peak_kib():
     with open("/proc/self/status") as f:

@@ -20,7 +20,7 @@ import yaml
 from conftest import load_model_tensors, run_mergekit_yaml
 from stock import run_command
 
-from mergekit_nan.commands import compare_score
+from mergekit_nan.commands.compare import score as compare_score
 from mergekit_nan.doctor.heldout import DataError, load_documents
 from mergekit_nan.evaluation import DocumentLosses
 

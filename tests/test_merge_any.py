@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from stock import STALL_MARKER, run_command, start_child, wait_for
 from test_safety import snapshot
 
-from mergekit_nan.commands.options import STOCK_ONLY
-from mergekit_nan.commands.output import leftovers
+from mergekit_nan.commands.common.options import STOCK_ONLY
+from mergekit_nan.commands.common.output import leftovers
 
 
 def stock_recipe(family: List[Path], method: str, **parameters) -> Dict:
@@ -106,7 +106,7 @@ def test_stock_writing_options_carry_over(family, tmp_path):
 def test_the_stock_only_options_are_mergekits_own():
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.commands.merge_command import merge_command
+    from mergekit_nan.commands.merge.command import merge_command
 
     fields = MergeOptions.model_fields
     given = {parameter.name: parameter for parameter in merge_command.params}

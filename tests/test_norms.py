@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from mergekit_nan import norms
+from mergekit_nan import norms, worker_pool
 from mergekit_nan.norms import (
     ACCELERATOR_CHUNK_ELEMENTS,
     CPU_CHUNK_ELEMENTS,
@@ -20,8 +20,8 @@ from mergekit_nan.norms import (
     frobenius_norms,
     norms_and_sums,
     plan_norm_pass,
-    run_windows,
 )
+from mergekit_nan.worker_pool import run_windows
 
 CPU = torch.device("cpu")
 LARGEST = 400_000_000
@@ -136,7 +136,7 @@ def test_an_interrupt_stops_the_other_workers_taking_windows(monkeypatch):
             stop_seen.set()
 
     proxy = types.SimpleNamespace(Lock=threading.Lock, Event=Stop, local=threading.local)
-    monkeypatch.setattr(norms, "threading", proxy)
+    monkeypatch.setattr(worker_pool, "threading", proxy)
     done = []
     in_hand = threading.Event()
 

@@ -22,7 +22,7 @@ import yaml
 from conftest import family_recipe, load_model_tensors
 from stock import STALL_MARKER, run_command, start_child, wait_for
 
-from mergekit_nan.commands.output import PARTIAL, leftovers
+from mergekit_nan.commands.common.output import PARTIAL, leftovers
 
 SHARD = "20K"
 """Output shard size (parameters): the tiny model is written in several shards."""

@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE.parent / "overhead"))  # its seeded model families
 from overhead_load import load_average  # noqa: E402
 from overhead_models import FAMILIES, build_family  # noqa: E402
 
-from mergekit_nan.commands.merge import merge_recipe  # noqa: E402
+from mergekit_nan.commands.merge.run import merge_recipe  # noqa: E402
 from mergekit_nan.shared_norms import NormTable, sharing  # noqa: E402
 
 DEFAULT_CACHE = HERE.parent / ".cache"

@@ -1,11 +1,11 @@
-"""The ``mergekit-nan`` command: ``cli`` and one module per job it does.
+"""The ``mergekit-nan`` command line: ``cli`` and one subpackage per capability.
 
-``inspect`` (the streaming coefficient pass), ``report`` (tables, JSON,
-CSV, heatmap), ``freeze`` (a stock recipe with the coefficients written
-out), ``merge`` (a NAN recipe at any granularity) with ``output`` (an output
-directory replaced whole or not at all) and ``card`` (its model card),
-``demo`` (the embedded default) and ``tiny`` (the demo's seeded checkpoints).
+``common`` (options, errors, preflight, outputs, signals), ``inspection``
+(coefficients without merging, the premise, reports, freeze), ``adapters``
+(LoRA recipes), ``merge`` (mergekit-nan merge and its model card) and
+``compare`` (candidates merged and scored on held-out data); ``demo`` and
+``tiny`` (the embedded default and its seeded checkpoints).
 
-Imports run one way: commands use the doctor and the NAN core, and nothing
-below imports a command.
+Imports run one way, in that order: a subpackage imports only those before it
+(``tests/test_layout.py`` checks it), and nothing below imports a command.
 """

@@ -12,18 +12,18 @@ from typing import Any, Callable, Dict, Optional
 
 import click
 
-from mergekit_nan.commands.compare_options import compare_options
-from mergekit_nan.commands.merge_command import merge_command
-from mergekit_nan.commands.messages import reported
-from mergekit_nan.commands.options import merge_options, mergekit_options
-from mergekit_nan.commands.preflight import check_writable, preflight
+from mergekit_nan.commands.common.messages import reported
+from mergekit_nan.commands.common.options import merge_options, mergekit_options
+from mergekit_nan.commands.common.preflight import check_writable, preflight
+from mergekit_nan.commands.compare.options import compare_options
+from mergekit_nan.commands.merge.command import merge_command
 
 __all__ = ["main"]
 
 
 def _inspect(config_file: str, arguments: Dict[str, Any]):
-    from mergekit_nan.commands.adapter_coefficients import adapter_inspection
-    from mergekit_nan.commands.inspect import inspect_recipe, load_recipe
+    from mergekit_nan.commands.adapters.coefficients import adapter_inspection
+    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe, load_recipe
     from mergekit_nan.doctor.adapters import adapter_recipe
     from mergekit_nan.granularity import resolve_granularity
 
@@ -67,8 +67,9 @@ def inspect_command(
     alpha_i (lambda scales the merged task vector); for <method>+nan the
     weight values handed to <method>.
     """
-    from mergekit_nan.commands import report
-    from mergekit_nan.commands.premise import format_premise, premise, premise_findings
+    from mergekit_nan.commands.common.output import write_files
+    from mergekit_nan.commands.inspection import report
+    from mergekit_nan.commands.inspection.premise import format_premise, premise, premise_findings
     from mergekit_nan.doctor.findings import format_findings
 
     check_writable(json_file, csv_file, plot_file)
@@ -82,7 +83,7 @@ def inspect_command(
         outputs[csv_file] = lambda path: report.write_csv(path, inspection)
     if plot_file:
         outputs[plot_file] = lambda path: report.write_heatmap(path, inspection)
-    report.write_files(outputs)
+    write_files(outputs)
     click.echo(report.format_table(inspection, all_tensors=all_tensors))
     labels = report.model_labels(inspection.models)
     found = premise(inspection)
@@ -106,8 +107,8 @@ def freeze_command(config_file: str, output: str, **arguments: Any) -> None:
     through conditional filters at --granularity tensor and layer, one weight
     per model at --granularity model.
     """
-    from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
-    from mergekit_nan.commands.report import write_files
+    from mergekit_nan.commands.common.output import write_files
+    from mergekit_nan.commands.inspection.freeze import freeze_recipe, frozen_yaml
 
     check_writable(output)
     inspection = _inspect(config_file, arguments)
@@ -156,7 +157,7 @@ def check_command(
 
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.commands.report import write_files
+    from mergekit_nan.commands.common.output import write_files
     from mergekit_nan.doctor.check import check_recipe
 
     check_writable(json_file)
@@ -204,10 +205,10 @@ def compare_command(config_file: str, **arguments: Any) -> None:
     (one merged model on disk at a time); nothing is merged before every model,
     tokenizer and data file has been checked.
     """
-    from mergekit_nan.commands import report
-    from mergekit_nan.commands.compare import CompareSettings
-    from mergekit_nan.commands.compare_run import CompareOutputs, Sweeps, compare, plan_comparison
-    from mergekit_nan.commands.output import OutputNotEmpty
+    from mergekit_nan.commands.common.output import OutputNotEmpty
+    from mergekit_nan.commands.compare.run import CompareOutputs, Sweeps, compare, plan_comparison
+    from mergekit_nan.commands.compare.settings import CompareSettings
+    from mergekit_nan.commands.inspection import report
 
     a = arguments
     keep = a["keep"]

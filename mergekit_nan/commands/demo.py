@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 import yaml
 
-from mergekit_nan.commands.report import format_table
+from mergekit_nan.commands.inspection.report import format_table
 
 __all__ = ["DEMO_SCALES", "DemoResult", "demo_recipe", "run_demo"]
 
@@ -115,7 +115,7 @@ def run_demo(
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.commands.inspect import inspect_recipe
+    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
     from mergekit_nan.commands.tiny import write_family
     from mergekit_nan.registration import register_methods
 

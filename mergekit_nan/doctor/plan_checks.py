@@ -114,7 +114,7 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     says what mergekit needs for that), so the plan can be checked further.
     """
     from mergekit_nan.granularity import without_granularity
-    from mergekit_nan.planning import plan_recipe
+    from mergekit_nan.mergekit_compat import plan_recipe
     from mergekit_nan.registration import register_methods
 
     register_methods()

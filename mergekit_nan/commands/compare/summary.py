@@ -16,8 +16,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from mergekit_nan.commands.compare import Prepared
-from mergekit_nan.commands.compare_candidates import Candidate
+from mergekit_nan.commands.compare.candidates import Candidate
+from mergekit_nan.commands.compare.settings import Prepared
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 from mergekit_nan.parameters import NAN_EXPONENT
 

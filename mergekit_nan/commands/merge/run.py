@@ -3,10 +3,10 @@
 At ``tensor`` granularity the recipe goes straight to mergekit's ``run_merge``
 (no extra pass), so the output is bit-identical to ``mergekit-yaml RECIPE``.
 At ``layer`` and ``model`` granularity the coefficients need norms pooled over
-many tensors: :func:`~mergekit_nan.commands.inspect.measure_recipe` measures every
+many tensors: :func:`~mergekit_nan.commands.inspection.coefficient_pass.measure_recipe` measures every
 tensor's norms in one streaming pass (one tensor per input in memory), the
 coefficients are frozen into a stock recipe
-(:func:`~mergekit_nan.commands.freeze.freeze_recipe`) and ``run_merge`` merges that
+(:func:`~mergekit_nan.commands.inspection.freeze.freeze_recipe`) and ``run_merge`` merges that
 recipe with the user's options. The output therefore equals ``mergekit-nan
 freeze --granularity X`` followed by the stock ``mergekit-yaml`` on the frozen
 recipe. Nothing is written to the output directory before the pass succeeded.
@@ -15,9 +15,9 @@ once into a temporary directory shared by the pass and the merge.
 
 Everything is written into a partial directory beside ``out_path`` that
 replaces it only once mergekit has written the tensors, the config, the
-tokenizer and the model card (:mod:`mergekit_nan.commands.output`): an
+tokenizer and the model card (:mod:`mergekit_nan.commands.common.output`): an
 interrupted or failed merge leaves ``out_path`` as it was. The model card
-(with ``write_model_card``) is :mod:`mergekit_nan.commands.card`'s.
+(with ``write_model_card``) is :mod:`mergekit_nan.commands.merge.card`'s.
 
 A recipe without NAN (any stock method) is merged by ``run_merge`` as given,
 through the same partial directory: its tensors and config are bit-identical
@@ -47,18 +47,17 @@ from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
-from mergekit_nan.commands.card import card_files, stock_card_files, write_card_files
-from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
-from mergekit_nan.commands.inspect import (
+from mergekit_nan.commands.common.output import atomic_directory, write_files
+from mergekit_nan.commands.inspection.coefficient_pass import (
     Inspection,
     check_models,
     measure_recipe,
     require_nan_recipe,
     uses_nan,
 )
-from mergekit_nan.commands.output import atomic_directory
-from mergekit_nan.commands.premise import premise, recorded_premise
-from mergekit_nan.commands.report import write_files
+from mergekit_nan.commands.inspection.freeze import freeze_recipe, frozen_yaml
+from mergekit_nan.commands.inspection.premise import premise, recorded_premise
+from mergekit_nan.commands.merge.card import card_files, stock_card_files, write_card_files
 from mergekit_nan.errors import TensorError
 from mergekit_nan.granularity import resolve_granularity, without_granularity
 from mergekit_nan.measure import recording
@@ -177,7 +176,7 @@ def merge_recipe(
     recipe (measuring the coefficients at ``tensor`` granularity too).
     ``out_path`` must be new or empty unless ``overwrite``; it is replaced
     whole once the model is complete, and left as it was if anything fails
-    (:class:`~mergekit_nan.commands.output.OutputNotEmpty` for a non-empty one
+    (:class:`~mergekit_nan.commands.common.output.OutputNotEmpty` for a non-empty one
     without ``overwrite``).
     """
     source = config_source if config_source is not None else config.to_yaml()

@@ -1,7 +1,7 @@
 """``mergekit-nan merge`` for adapter recipes: LoRA adapters in, one LoRA adapter out.
 
 Per LoRA module the merged update ``sum_i c_i s_i B_i A_i`` (the multipliers
-``c_i`` of :mod:`mergekit_nan.commands.adapter_coefficients`) is written as one
+``c_i`` of :mod:`mergekit_nan.commands.adapters.coefficients`) is written as one
 module whose rank is the sum of the contributing ranks:
 ``B = [c_1 s_1 B_1 | ...]``, ``A = [A_1; ...]`` (:func:`mergekit_nan.lora.concatenate`),
 with ``lora_alpha = r`` per module so that PEFT's scaling is exactly 1. The base
@@ -13,7 +13,7 @@ every module is cut to that rank (:func:`mergekit_nan.lora.truncate`) and the
 fraction of its Frobenius norm it keeps is recorded.
 
 Everything is written into a partial directory that becomes ``out_path`` only
-when complete (:func:`~mergekit_nan.commands.output.atomic_directory`):
+when complete (:func:`~mergekit_nan.commands.common.output.atomic_directory`):
 ``adapter_config.json``, ``adapter_model.safetensors``, ``README.md`` (how to
 reproduce it, the coefficients and any truncation) and ``mergekit_config.yml``
 (the recipe as given).
@@ -35,14 +35,14 @@ from mergekit.common import dtype_from_name
 from mergekit.config import MergeConfiguration
 from safetensors.torch import save_file
 
-from mergekit_nan.commands.adapter_coefficients import (
+from mergekit_nan.commands.adapters.coefficients import (
     TensorUpdate,
     adapter_inspection,
     adapter_updates,
 )
-from mergekit_nan.commands.freeze import freeze_recipe, frozen_yaml
-from mergekit_nan.commands.output import atomic_directory
-from mergekit_nan.commands.report import format_table, write_files
+from mergekit_nan.commands.common.output import atomic_directory, write_files
+from mergekit_nan.commands.inspection.freeze import freeze_recipe, frozen_yaml
+from mergekit_nan.commands.inspection.report import format_table
 from mergekit_nan.doctor.adapters import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -53,8 +53,8 @@ from mergekit_nan.doctor.adapters import (
 from mergekit_nan.granularity import resolve_granularity
 from mergekit_nan.lora import concatenate, truncate
 from mergekit_nan.method import NAN_PAPER_URL, weighted_sum
-from mergekit_nan.norms import one_thread
 from mergekit_nan.parameters import Granularity
+from mergekit_nan.worker_pool import one_thread
 
 __all__ = ["AdapterMerge", "adapter_merge_or_stock", "merge_adapters", "merged_tensors"]
 
@@ -147,7 +147,7 @@ def merged_tensors(
 ) -> Tuple[Dict[str, torch.Tensor], Dict[str, int], Dict[str, float], Tuple[str, ...]]:
     """The merged adapter's tensors (PEFT names), module ranks, retained fractions, full tensors.
 
-    ``updates`` are :func:`~mergekit_nan.commands.adapter_coefficients.adapter_updates`'.
+    ``updates`` are :func:`~mergekit_nan.commands.adapters.coefficients.adapter_updates`'.
     """
     dtype = _output_dtype(config, recipe)
     tensors: Dict[str, torch.Tensor] = {}

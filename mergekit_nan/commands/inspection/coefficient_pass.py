@@ -52,9 +52,9 @@ from mergekit_nan.granularity import (
     without_granularity,
 )
 from mergekit_nan.measure import measuring
+from mergekit_nan.mergekit_compat import plan_recipe
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
-from mergekit_nan.planning import plan_recipe
 from mergekit_nan.registration import is_nan_method, modifiable_methods, register_methods
 from mergekit_nan.weighting import Weighting
 

@@ -28,9 +28,9 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Callable, Iterator, List, Mapping, Optional, Tuple
 
-__all__ = ["PARTIAL", "OutputNotEmpty", "atomic_directory", "leftovers"]
+__all__ = ["PARTIAL", "OutputNotEmpty", "atomic_directory", "leftovers", "write_files"]
 
 PARTIAL = ".mergekit-nan-partial-"
 """The mark in the name of a directory a merge is still writing (or left behind when killed)."""
@@ -142,3 +142,36 @@ def atomic_directory(target: Path, *, overwrite: bool = False) -> Iterator[Path]
             for parent in created:
                 with contextlib.suppress(OSError):
                     parent.rmdir()
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def write_files(outputs: Mapping[str, Callable[[str], None]]) -> None:
+    """Call every ``{path: write}`` on a temporary file, then rename them all.
+
+    Nothing is renamed unless every writer succeeded; temporary files are
+    removed on failure. Files get the usual permissions (umask applied).
+    """
+    staged: List[Tuple[str, str]] = []
+    try:
+        for path, write in outputs.items():
+            directory = os.path.dirname(os.path.abspath(path))
+            suffix = os.path.splitext(path)[1]
+            handle, temporary = tempfile.mkstemp(
+                prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory
+            )
+            os.close(handle)
+            staged.append((temporary, path))
+            write(temporary)
+            os.chmod(temporary, _default_mode())
+    except BaseException:
+        for temporary, _ in staged:
+            if os.path.exists(temporary):
+                os.unlink(temporary)
+        raise
+    for temporary, path in staged:
+        os.replace(temporary, path)

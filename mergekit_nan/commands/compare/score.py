@@ -1,7 +1,7 @@
 """``mergekit-nan compare``'s costly part: merge each candidate, score it, delete it.
 
 :func:`run_compare` merges each candidate once through mergekit's own executor
-(``run_merge``; :func:`~mergekit_nan.commands.merge.merge_recipe` for NAN
+(``run_merge``; :func:`~mergekit_nan.commands.merge.run.merge_recipe` for NAN
 recipes, which measures layer and model granularity in its streaming pass) into
 a temporary directory, closes mergekit's input readers, loads the model with
 ``transformers`` (``device_map`` on accelerators, so a model larger than one
@@ -10,7 +10,7 @@ deletes it before the next merge: at most one merged model is on disk at a
 time, and an error or Ctrl-C leaves none. Input models (``--inputs``) are
 scored where they are.
 
-Candidates of one :func:`~mergekit_nan.commands.compare_candidates.norm_group`
+Candidates of one :func:`~mergekit_nan.commands.compare.candidates.norm_group`
 share a :class:`~mergekit_nan.shared_norms.NormTable`: the first NAN merge of
 the group runs the norm pass, the later ones take its norms (and so merge
 exactly the tensors they would have merged computing them). A ``layer`` or
@@ -30,8 +30,8 @@ import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_nan.commands.compare import CompareSettings, HeldOutFile, Prepared
-from mergekit_nan.commands.compare_candidates import Candidate, norm_group
+from mergekit_nan.commands.compare.candidates import Candidate, norm_group
+from mergekit_nan.commands.compare.settings import CompareSettings, HeldOutFile, Prepared
 from mergekit_nan.evaluation import DocumentLosses, document_losses
 from mergekit_nan.shared_norms import NormTable, sharing
 
@@ -131,12 +131,12 @@ def merge_candidate(
 ) -> None:
     """Merge ``candidate.recipe`` into ``out_path`` through mergekit's executor.
 
-    Every recipe goes through :func:`~mergekit_nan.commands.merge.merge_recipe`
+    Every recipe goes through :func:`~mergekit_nan.commands.merge.run.merge_recipe`
     (NAN at any granularity, stock methods as ``mergekit-yaml`` merges them;
     atomic either way). With ``keep`` the tokenizer and a model card are
     written as ``mergekit-nan merge`` would.
     """
-    from mergekit_nan.commands.merge import merge_recipe
+    from mergekit_nan.commands.merge.run import merge_recipe
     from mergekit_nan.doctor.guard import suspended
 
     assert candidate.recipe is not None

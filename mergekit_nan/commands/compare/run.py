@@ -18,12 +18,12 @@ import yaml
 from mergekit import merge_methods
 from mergekit.options import MergeOptions
 
-from mergekit_nan.commands import compare_report
-from mergekit_nan.commands.compare import CompareSettings, Prepared, prepare
-from mergekit_nan.commands.compare_candidates import build_candidates, parse_values
-from mergekit_nan.commands.compare_score import merge_candidate, run_compare
-from mergekit_nan.commands.compare_summary import Summary, summarize
-from mergekit_nan.commands.report import write_files
+from mergekit_nan.commands.common.output import write_files
+from mergekit_nan.commands.compare import report as compare_report
+from mergekit_nan.commands.compare.candidates import build_candidates, parse_values
+from mergekit_nan.commands.compare.score import merge_candidate, run_compare
+from mergekit_nan.commands.compare.settings import CompareSettings, Prepared, prepare
+from mergekit_nan.commands.compare.summary import Summary, summarize
 from mergekit_nan.doctor.heldout import check_distinct
 from mergekit_nan.parameters import NAN_GRANULARITIES
 from mergekit_nan.registration import register_methods

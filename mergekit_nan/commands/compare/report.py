@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any, Dict, List
 
-from mergekit_nan.commands.compare_summary import Difference, Score, Summary
+from mergekit_nan.commands.compare.summary import Difference, Score, Summary
 
 __all__ = ["format_table", "to_json", "verdict_lines", "write_csv", "write_json", "write_plot"]
 

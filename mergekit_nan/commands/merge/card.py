@@ -20,9 +20,9 @@ from mergekit.common import parse_kmb
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
 
-from mergekit_nan.commands.inspect import Inspection
-from mergekit_nan.commands.premise import Premise, card_line
-from mergekit_nan.commands.report import format_table, model_labels
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection
+from mergekit_nan.commands.inspection.premise import Premise, card_line
+from mergekit_nan.commands.inspection.report import format_table, model_labels
 from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import Granularity
 
@@ -91,7 +91,7 @@ def nan_card_section(
 ) -> str:
     """Markdown for the model card: NAN, the granularity, the norms and the coefficients.
 
-    ``norms`` is :func:`~mergekit_nan.commands.premise.card_line`'s one line.
+    ``norms`` is :func:`~mergekit_nan.commands.inspection.premise.card_line`'s one line.
     """
     lines = [
         "",

@@ -46,7 +46,7 @@ from mergekit.config import (
 )
 
 from mergekit_nan.coefficients import coefficients_from_norms
-from mergekit_nan.commands.inspect import Inspection, TensorCoefficients
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection, TensorCoefficients
 from mergekit_nan.doctor.adapters import FULL_MODEL_HINT, AdapterError, AdapterRecipe, factor_method
 from mergekit_nan.granularity import pooled_weightings
 from mergekit_nan.lora import factor_norm, factor_sum
@@ -329,10 +329,10 @@ def adapter_inspection(
     granularity: Granularity,
     measured: Optional[Tuple[List[TensorUpdate], Dict[Any, Dict[Any, float]]]] = None,
 ) -> Inspection:
-    """The :class:`~mergekit_nan.commands.inspect.Inspection` of the ``base+adapter`` recipe.
+    """The :class:`~mergekit_nan.commands.inspection.coefficient_pass.Inspection` of the ``base+adapter`` recipe.
 
     Rows are the tensors some adapter changes; the models are ``base+adapter``
-    references, so :func:`~mergekit_nan.commands.freeze.freeze_recipe` writes a
+    references, so :func:`~mergekit_nan.commands.inspection.freeze.freeze_recipe` writes a
     stock recipe over them. Tensors no adapter changes are listed as skipped
     (their update is zero, so any weight leaves them at the base). ``measured``
     is :func:`adapter_updates`'s result when the caller has it.

@@ -32,7 +32,7 @@ import yaml
 from mergekit.common import ModelReference
 from mergekit.config import ConfigYamlDumper, MergeConfiguration, evaluate_setting
 
-from mergekit_nan.commands.inspect import Inspection
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection
 
 __all__ = ["NAN_PARAMETERS", "freeze_recipe", "frozen_yaml"]
 

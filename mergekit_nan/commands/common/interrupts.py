@@ -1,7 +1,7 @@
 """Ctrl-C and ``kill`` end a merge the same clean way.
 
 Python turns SIGINT into ``KeyboardInterrupt``, so the partial directory of
-:mod:`mergekit_nan.commands.output` is removed on the way out. SIGTERM (what
+:mod:`mergekit_nan.commands.common.output` is removed on the way out. SIGTERM (what
 ``kill``, ``timeout`` and most job schedulers send) would end the process on
 the spot and leave that directory behind; inside :func:`stopped_by_signals`
 it raises :class:`Terminated` instead, which unwinds the same way. A signal

@@ -6,7 +6,7 @@ from typing import Callable
 
 import click
 
-from mergekit_nan.commands.options import apply_options, reading_options
+from mergekit_nan.commands.common.options import apply_options, reading_options
 
 __all__ = ["compare_options"]
 

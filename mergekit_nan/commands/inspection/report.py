@@ -1,8 +1,7 @@
-"""Render an :class:`~mergekit_nan.commands.inspect.Inspection`: tables, JSON, CSV and a heatmap.
+"""Render an :class:`~mergekit_nan.commands.inspection.coefficient_pass.Inspection`.
 
-Every file is written atomically: :func:`write_files` renders all requested
-outputs to temporary files next to their targets and renames them only when
-all of them succeeded, so a failure leaves nothing half-written. matplotlib
+Tables, JSON, CSV and a heatmap; the files are written atomically by
+:func:`~mergekit_nan.commands.common.output.write_files`. matplotlib
 is imported only for the heatmap (``pip install 'mergekit-nan[plot]'``).
 """
 
@@ -12,13 +11,12 @@ import csv
 import json
 import math
 import os
-import tempfile
 from collections import defaultdict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 
-from mergekit_nan.commands.inspect import Inspection, TensorCoefficients
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection, TensorCoefficients
 
 __all__ = [
     "MissingPlotDependency",
@@ -27,7 +25,6 @@ __all__ = [
     "require_matplotlib",
     "to_json",
     "write_csv",
-    "write_files",
     "write_heatmap",
     "write_json",
 ]
@@ -127,10 +124,10 @@ def to_json(inspection: Inspection) -> Dict[str, Any]:
 
     ``model_norms`` (model granularity) maps models to whole-model norms;
     ``layer_norms`` (layer granularity) lists each output layer's pooled norms;
-    ``premise`` is :func:`~mergekit_nan.commands.premise.premise` (per model:
+    ``premise`` is :func:`~mergekit_nan.commands.inspection.premise.premise` (per model:
     norm, share, coefficient, layer norms, mean shift; the spread).
     """
-    from mergekit_nan.commands.premise import premise
+    from mergekit_nan.commands.inspection.premise import premise
 
     found = premise(inspection)
     return {
@@ -331,36 +328,3 @@ def write_heatmap(path: str, inspection: Inspection) -> None:
         f"NAN coefficients: {inspection.merge_method} ({inspection.granularity} granularity)"
     )
     figure.savefig(path, format="png", dpi=110)
-
-
-def _default_mode() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def write_files(outputs: Mapping[str, Callable[[str], None]]) -> None:
-    """Call every ``{path: write}`` on a temporary file, then rename them all.
-
-    Nothing is renamed unless every writer succeeded; temporary files are
-    removed on failure. Files get the usual permissions (umask applied).
-    """
-    staged: List[Tuple[str, str]] = []
-    try:
-        for path, write in outputs.items():
-            directory = os.path.dirname(os.path.abspath(path))
-            suffix = os.path.splitext(path)[1]
-            handle, temporary = tempfile.mkstemp(
-                prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory
-            )
-            os.close(handle)
-            staged.append((temporary, path))
-            write(temporary)
-            os.chmod(temporary, _default_mode())
-    except BaseException:
-        for temporary, _ in staged:
-            if os.path.exists(temporary):
-                os.unlink(temporary)
-        raise
-    for temporary, path in staged:
-        os.replace(temporary, path)

@@ -15,7 +15,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import click
 
-from mergekit_nan.commands.options import merge_options
+from mergekit_nan.commands.common.options import merge_options
 
 __all__ = ["check_writable", "preflight", "single_document"]
 

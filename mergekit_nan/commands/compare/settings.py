@@ -3,7 +3,7 @@
 Order of work, so that every mistake is found before the first merge:
 
 1. :func:`prepare` builds the candidates
-   (:mod:`~mergekit_nan.commands.compare_candidates`), checks that every model
+   (:mod:`~mergekit_nan.commands.compare.candidates`), checks that every model
    is a causal language model, loads the tokenizer the merge would copy
    (``tokenizer_source`` naming a model, else the base, else the first model)
    and refuses models whose tokenizers differ, reads every data file
@@ -12,7 +12,7 @@ Order of work, so that every mistake is found before the first merge:
    record: the chat template's text, which carries its own special tokens),
    cut to ``max_length``; documents of fewer than 2 tokens are skipped and
    counted.
-2. :mod:`~mergekit_nan.commands.compare_score` merges, scores and deletes each
+2. :mod:`~mergekit_nan.commands.compare.score` merges, scores and deletes each
    candidate in turn.
 3. The statistics (:mod:`mergekit_nan.evaluation`): per file and overall
    (every file's documents pooled), nats per token, a seeded bootstrap 95 %
@@ -30,7 +30,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit.config import MergeConfiguration
 
-from mergekit_nan.commands.compare_candidates import CandidateSet
+from mergekit_nan.commands.compare.candidates import CandidateSet
 from mergekit_nan.doctor.heldout import DataError, Document, load_documents
 
 __all__ = ["CompareSettings", "HeldOutFile", "Prepared", "prepare", "tokenizer_source"]

@@ -1,7 +1,7 @@
 """``mergekit-nan merge``: any recipe, checked first, never over an input, written atomically.
 
-The click command; :mod:`mergekit_nan.commands.merge` merges full models,
-:mod:`mergekit_nan.commands.adapter_merge` adapter recipes.
+The click command; :mod:`mergekit_nan.commands.merge.run` merges full models,
+:mod:`mergekit_nan.commands.adapters.merge` adapter recipes.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Any, Optional
 
 import click
 
-from mergekit_nan.commands.messages import one_line, reported
-from mergekit_nan.commands.options import merge_options, mergekit_options, writing_options
-from mergekit_nan.commands.preflight import check_writable, preflight, single_document
+from mergekit_nan.commands.common.messages import one_line, reported
+from mergekit_nan.commands.common.options import merge_options, mergekit_options, writing_options
+from mergekit_nan.commands.common.preflight import check_writable, preflight, single_document
 
 __all__ = ["merge_command"]
 
@@ -93,12 +93,12 @@ def merge_command(
     """
     from mergekit.common import parse_kmb
 
-    from mergekit_nan.commands.adapter_coefficients import base_adapter_config
-    from mergekit_nan.commands.adapter_merge import adapter_merge_or_stock, merge_adapters
-    from mergekit_nan.commands.inspect import load_recipe
-    from mergekit_nan.commands.interrupts import Terminated, stopped_by_signals
-    from mergekit_nan.commands.merge import merge_recipe
-    from mergekit_nan.commands.output import OutputNotEmpty, leftovers
+    from mergekit_nan.commands.adapters.coefficients import base_adapter_config
+    from mergekit_nan.commands.adapters.merge import adapter_merge_or_stock, merge_adapters
+    from mergekit_nan.commands.common.interrupts import Terminated, stopped_by_signals
+    from mergekit_nan.commands.common.output import OutputNotEmpty, leftovers
+    from mergekit_nan.commands.inspection.coefficient_pass import load_recipe
+    from mergekit_nan.commands.merge.run import merge_recipe
     from mergekit_nan.doctor.guard import suspended
 
     check_writable(save_frozen)

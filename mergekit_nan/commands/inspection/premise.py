@@ -31,7 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from mergekit.common import ModelReference
 
-from mergekit_nan.commands.inspect import Inspection, TensorCoefficients
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection, TensorCoefficients
 from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.weighting import Weighting
 

@@ -1,0 +1,2 @@
+"""LoRA adapter recipes: NAN coefficients per module (``coefficients``) and one adapter out
+(``merge``), computed from the factors."""
