@@ -14,7 +14,7 @@ import click
 
 from mergekit_nan.commands.common.messages import one_line, reported
 from mergekit_nan.commands.common.options import merge_options, mergekit_options, writing_options
-from mergekit_nan.commands.common.preflight import check_writable, preflight, single_document
+from mergekit_nan.commands.common.preflight import check_writable, preflight
 
 __all__ = ["merge_command"]
 
@@ -97,7 +97,6 @@ def merge_command(
     from mergekit_nan.commands.adapters.merge import adapter_merge_or_stock, merge_adapters
     from mergekit_nan.commands.common.interrupts import Terminated, stopped_by_signals
     from mergekit_nan.commands.common.output import OutputNotEmpty, leftovers
-    from mergekit_nan.commands.inspection.coefficient_pass import load_recipe
     from mergekit_nan.commands.merge.run import merge_recipe
     from mergekit_nan.doctor.guard import suspended
 
@@ -109,8 +108,9 @@ def merge_command(
             "delete it once no merge into it is running",
             err=True,
         )
-    single_document(config_file)
-    preflight(config_file, arguments, out_path=out_path, ignore=("output-not-empty",))
+    recipe = preflight(
+        config_file, arguments, out_path=out_path, ignore=("output-not-empty",), single=True
+    )
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputNotEmpty(
             f"output directory {out_path} is not empty; pass --overwrite to replace it "
@@ -127,11 +127,11 @@ def merge_command(
     )
     if options.num_threads is not None:  # as the stock mergekit-yaml sets them
         options.apply_global_options()
-    source = Path(config_file).read_text(encoding="utf-8")
+    source = recipe.text
     try:
         # The preflight has reported every finding already; SIGTERM unwinds like Ctrl-C.
         with suspended(), stopped_by_signals():
-            config = load_recipe(config_file)
+            config = recipe.config()
             adapters = adapter_merge_or_stock(config, rank=rank, full_model=full_model)
             if adapters is not None and not full_model:
                 merged = merge_adapters(

@@ -48,13 +48,7 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.common.output import atomic_directory, write_files
-from mergekit_nan.commands.inspection.coefficient_pass import (
-    Inspection,
-    check_models,
-    measure_recipe,
-    require_nan_recipe,
-    uses_nan,
-)
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection, measure_recipe
 from mergekit_nan.commands.inspection.freeze import freeze_recipe, frozen_yaml
 from mergekit_nan.commands.inspection.premise import premise, recorded_premise
 from mergekit_nan.commands.merge.card import card_files, stock_card_files, write_card_files
@@ -62,6 +56,7 @@ from mergekit_nan.errors import TensorError
 from mergekit_nan.granularity import resolve_granularity, without_granularity
 from mergekit_nan.measure import recording
 from mergekit_nan.parameters import Granularity
+from mergekit_nan.recipe import check_models, require_nan_recipe, uses_nan
 
 __all__ = ["MergeResult", "finite_outputs", "merge_recipe"]
 
