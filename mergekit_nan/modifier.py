@@ -32,6 +32,7 @@ from mergekit.merge_methods.base import (
 
 from mergekit_nan.errors import TensorError
 from mergekit_nan.measure import MeasurableMethod, record
+from mergekit_nan.method import NAN_PAPER_URL
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.weighting import Weighting, check_scale, group_weighting
 
@@ -72,7 +73,7 @@ class NanCoefficients(MeasurableMethod):
             parameters=parameters + (NAN_EXPONENT, NAN_NORM, NAN_GRANULARITY),
             contract=inner.spec.contract,
             pretty_name=f"{inner.spec.pretty_name or inner.spec.name} with NAN coefficients",
-            reference_url="https://arxiv.org/abs/2505.16148",
+            reference_url=NAN_PAPER_URL,
             optional_tensor_policy=inner.spec.optional_tensor_policy,
             uses_accelerator=inner.spec.uses_accelerator,
         )

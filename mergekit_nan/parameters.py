@@ -9,10 +9,11 @@ unwrapped, so the user reads the plugin's message and nothing else.
 from __future__ import annotations
 
 import math
+from typing import Tuple
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import AfterValidator
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_nan.errors import RecipeError
 
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 NanNorm = Literal["auto", "delta", "weights"]
-NAN_NORMS = ("auto", "delta", "weights")
+NAN_NORMS: Tuple[str, ...] = get_args(NanNorm)
 """``auto``: task vectors when the merge has a base, else the tensors themselves;
 ``delta``: task vectors theta_i - theta_base (needs a base);
 ``weights``: the fine-tuned tensors theta_i themselves."""
@@ -70,7 +71,7 @@ NAN_NORM = ParameterSpec(
 )
 
 Granularity = Literal["tensor", "layer", "model"]
-NAN_GRANULARITIES = ("tensor", "layer", "model")
+NAN_GRANULARITIES: Tuple[str, ...] = get_args(Granularity)
 """``tensor``: each tensor's own norms; ``layer``: norms pooled over a transformer
 layer; ``model``: norms pooled over the whole model. Only ``tensor`` can be
 computed inside a merge method; the others need ``mergekit-nan merge``."""

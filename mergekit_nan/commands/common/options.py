@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import click
 
+from mergekit_nan.parameters import NAN_GRANULARITIES
+
 __all__ = [
     "STOCK_ONLY",
     "apply_options",
@@ -52,7 +54,7 @@ STOCK_ONLY = (*_FLAGS, *_VALUES, "gpu_rich")
 def granularity_option() -> Callable:
     return click.option(
         "--granularity",
-        type=click.Choice(["tensor", "layer", "model"]),
+        type=click.Choice(NAN_GRANULARITIES),
         default=None,
         help="tensor: each tensor's own norms; layer: one coefficient per model per "
         "transformer layer; model: one per model from whole-checkpoint norms  "

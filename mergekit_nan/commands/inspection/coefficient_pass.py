@@ -52,20 +52,17 @@ from mergekit_nan.granularity import (
 from mergekit_nan.measure import measuring
 from mergekit_nan.mergekit_compat import plan_recipe
 from mergekit_nan.modifier import NanCoefficients
-from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
+from mergekit_nan.parameters import Granularity
 from mergekit_nan.recipe import require_nan_recipe
 from mergekit_nan.weighting import Weighting
 
 __all__ = [
-    "GRANULARITIES",
     "Granularity",
     "Inspection",
     "TensorCoefficients",
     "inspect_recipe",
     "measure_recipe",
 ]
-
-GRANULARITIES = NAN_GRANULARITIES
 
 
 @dataclass(frozen=True)
