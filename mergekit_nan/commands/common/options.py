@@ -56,7 +56,7 @@ _SHORT = {"quiet": ("-q",), "num_threads": ("-j",)}
 _NOT_MIRRORED = ("verbosity",)  # ``-v/--verbose`` is ours: INFO logging and tracebacks
 
 
-class ShardSize(stock.ShardSizeParamType):
+class _ShardSize(stock.ShardSizeParamType):
     """mergekit's ``--out-shard-size`` type (5B, 500M, 20K), refusing a bad size in one line."""
 
     def convert(self, value: Any, param: Optional[click.Parameter], ctx: Optional[click.Context]):
@@ -88,7 +88,7 @@ def mergekit_option(name: str, help: Optional[str] = None) -> Callable:
     elif kind is bool:
         declarations[0] = f"{flag}/--no-{flag[2:]}"
     else:
-        settings["type"] = ShardSize() if name == "out_shard_size" else kind
+        settings["type"] = _ShardSize() if name == "out_shard_size" else kind
     return click.option(*declarations, name, **settings)
 
 
