@@ -20,7 +20,6 @@ from safetensors.torch import load_file, save_file
 from stock import STALL_MARKER, run_command, start_child, wait_for
 from test_safety import snapshot
 
-from mergekit_nan.commands.common.options import STOCK_ONLY
 from mergekit_nan.commands.common.output import leftovers
 
 
@@ -101,20 +100,6 @@ def test_stock_writing_options_carry_over(family, tmp_path):
     assert any(name.endswith(".bin") for name in ours)  # pickled, as asked
     assert set(ours) == set(model_bytes(tmp_path / "stock"))
     assert ours["config.json"] == model_bytes(tmp_path / "stock")["config.json"]
-
-
-def test_the_stock_only_options_are_mergekits_own():
-    from mergekit.options import MergeOptions
-
-    from mergekit_nan.commands.merge.command import merge_command
-
-    fields = MergeOptions.model_fields
-    given = {parameter.name: parameter for parameter in merge_command.params}
-    for name in STOCK_ONLY:
-        assert name in fields, name
-        assert given[name].default == fields[name].default, name
-    # Every field of mergekit's options is an option of merge (verbosity is -v/--verbose).
-    assert set(fields) - set(given) == {"verbosity"}
 
 
 def test_an_input_is_refused_as_output_for_a_stock_recipe(family, tmp_path):

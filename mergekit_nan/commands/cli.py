@@ -228,7 +228,7 @@ def compare_command(config_file: str, **arguments: Any) -> None:
     prepared = plan_comparison(
         recipe, a["data"], sweeps, settings, trust_remote_code=a["trust_remote_code"]
     )
-    options = merge_options(a).model_copy(update={"random_seed": a["random_seed"]})
+    options = merge_options(a)
     outputs = CompareOutputs(a["json_file"], a["csv_file"], a["plot_file"], keep, a["overwrite"])
     try:
         compare(prepared, options, settings, outputs, echo=click.echo)
