@@ -39,7 +39,8 @@ nothing at all, and if anything about mergekit's internals is not as expected
 it falls silent rather than getting in mergekit's way. Planners that
 mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``; a command
 that has just run the same checks itself (``mergekit-nan merge``) merges
-inside :func:`suspended`, so each finding is reported once.
+inside :func:`suspended`, so each finding is reported once. The wrapping
+itself is :func:`mergekit_nan.mergekit_compat.wrap_loaded`'s.
 """
 
 from __future__ import annotations
@@ -50,13 +51,13 @@ import logging
 import os
 import re
 import shutil
-import sys
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, List, Optional, Set, Tuple
 
 from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.errors import RecipeError
+from mergekit_nan.mergekit_compat import wrap_loaded
 
 __all__ = ["STOCK_ONLY_ERRORS", "install_guard", "suspended"]
 
@@ -408,28 +409,11 @@ def suspended() -> Iterator[None]:
         _SUSPENDED.reset(token)
 
 
-def _wrap(owner: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
-    original = getattr(owner, name, None)
-    if original is None or getattr(original, "_mergekit_nan", False):
-        return
-    wrapped = wrapper(original)
-    wrapped._mergekit_nan = True
-    setattr(owner, name, wrapped)
-
-
 def install_guard() -> None:
     """Put the guard on every mergekit module above that is loaded; idempotent."""
-    plan = sys.modules.get("mergekit.plan")
-    if plan is not None:
-        planner = plan.MergePlanner
-        if "_plan" in planner.__dict__:
-            _wrap(planner, "_plan", _guarded_plan)
-    merge = sys.modules.get("mergekit.merge")
-    if merge is not None:
-        _wrap(merge, "run_merge", _guarded_run_merge)
-    run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
-    if run_yaml is not None:
-        _wrap(run_yaml.main, "callback", _guarded_yaml_command)
-    multi = sys.modules.get("mergekit.scripts.multimerge")
-    if multi is not None:
-        _wrap(multi.main, "callback", _guarded_multi_command)
+    wrap_loaded(
+        plan=_guarded_plan,
+        run_merge=_guarded_run_merge,
+        yaml_command=_guarded_yaml_command,
+        multi_command=_guarded_multi_command,
+    )
