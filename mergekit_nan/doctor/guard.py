@@ -33,11 +33,12 @@ only compute per-tensor coefficients.
 
 The guard never changes a plan or a merge. For recipes without NAN it does
 nothing at all, and if anything about mergekit's internals is not as expected
-it falls silent rather than getting in mergekit's way. Planners that
-mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``; a command
-that has just run the same checks itself (``mergekit-nan merge``) merges
-inside :func:`suspended`, so each finding is reported once. The wrapping
-itself is :func:`mergekit_nan.mergekit_compat.wrap_loaded`'s.
+it skips its checks rather than getting in mergekit's way, saying which and
+why at INFO level (mergekit's ``-v``; the log record carries :data:`SKIPPED`).
+Planners that mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``;
+a command that has just run the same checks itself (``mergekit-nan merge``)
+merges inside :func:`suspended`, so each finding is reported once. The
+wrapping itself is :func:`mergekit_nan.mergekit_compat.wrap_loaded`'s.
 """
 
 from __future__ import annotations
@@ -56,7 +57,10 @@ from mergekit_nan.doctor.guard_report import LOG, Guard, Reported, enforced, ref
 from mergekit_nan.errors import RecipeError
 from mergekit_nan.mergekit_compat import wrap_loaded
 
-__all__ = ["install_guard", "suspended"]
+__all__ = ["SKIPPED", "install_guard", "suspended"]
+
+SKIPPED = "mergekit_nan_guard_skipped"
+"""Attribute of the log record of skipped checks: which checks the guard skipped."""
 
 _LOOKS_NAN = re.compile(r"merge_method\s*:\s*['\"]?nan\b|\+nan\b|\bnan_\w+\s*:")
 """What marks the text of a recipe that cannot be read as one as a NAN recipe."""
@@ -91,6 +95,12 @@ def _within(**changes: Any) -> Iterator[None]:
         _STATE.reset(token)
 
 
+def _skipped(what: str, error: Exception) -> None:
+    """Say (with mergekit's ``-v``) which checks the guard skipped and why."""
+    message = "mergekit-nan: the recipe guard skipped %s (%s: %s)"
+    LOG.info(message, what, type(error).__name__, error, extra={SKIPPED: what})
+
+
 def _guard(enforce: bool) -> Guard:
     """A guard for one recipe, sharing the record of what :func:`_reporting_once` reported."""
     return Guard(enforce, _STATE.get().reported)
@@ -120,8 +130,8 @@ def _start(planner: Any) -> Optional[Guard]:
 
         findings = recipe_findings(data)
         guard = _guard(enforced(data))
-    except Exception as error:  # mergekit moved on: say nothing rather than break it
-        LOG.debug("mergekit-nan guard skipped: %r", error)
+    except Exception as error:  # mergekit moved on: skip the checks rather than break it
+        _skipped("the recipe's checks before planning", error)
         return None
     guard.report(findings)
     return guard
@@ -134,7 +144,7 @@ def _finish(guard: Guard, planner: Any) -> None:
 
         findings = planned_findings(planner)
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
+        _skipped("the checks of the planned values", error)
         return
     guard.report(findings)
 
@@ -152,7 +162,7 @@ def _planned(merge: _Merge, planner: Any) -> None:
             planned_tensors(planner), by_reference, tokenizer_set=merge.tokenizer_set
         )
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
+        _skipped("the checks of the planned values and input shapes", error)
         return
     merge.guard.report(findings)
 
@@ -219,7 +229,7 @@ def _check_merge(config: Any, out_path: str, options: Any) -> Optional[_Merge]:
         tokenizer_set = config.tokenizer_source is not None or config.tokenizer is not None
         merge = _Merge(_guard(enforced(data)), report.models, tokenizer_set)
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped: %r", error)
+        _skipped("the recipe's checks before the merge", error)
         return None
     merge.guard.report(report.findings)
     return merge
@@ -354,7 +364,7 @@ def _check_stages(config_file: str, documents: list, out_path: Optional[str], ar
             )
             findings.extend(f for f in found if f.code == "output-overwrites-input")
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the stages: %r", error)
+        _skipped("the checks of mergekit-multi's stages", error)
         return
     _guard(any(enforced(d) for d in documents)).report(findings)
 
