@@ -82,6 +82,8 @@ def test_mergekit_multi_logs_the_warnings_of_its_stages(family, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "work" / "stage" / "config.json").exists()
     assert any("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr))
+    # Checked up front and again by the stage's run_merge: said once.
+    assert sum("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr)) == 1
 
 
 ERRORS = {

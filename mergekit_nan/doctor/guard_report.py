@@ -34,7 +34,7 @@ class Guard:
 
     def __init__(self, enforce: bool, reported: Optional[Reported] = None):
         self.enforce = enforce
-        self.seen: Reported = reported or set()
+        self.seen: Reported = set() if reported is None else reported
 
     def report(self, findings: Iterable[Finding]) -> None:
         """Log each new warning; raise the new errors (log them, if not enforced)."""
