@@ -8,11 +8,12 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import logging  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Dict, List, Sequence  # noqa: E402
+from typing import Dict, Iterator, List, Sequence  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -22,6 +23,7 @@ from safetensors.torch import load_file  # noqa: E402
 from stock import run_command  # noqa: E402
 
 from mergekit_nan.commands.tiny import write_family  # noqa: E402
+from mergekit_nan.doctor.guard import SKIPPED  # noqa: E402
 
 # Property tests draw a fixed example sequence: a failure reproduces, and no run passes or
 # fails by the luck of the draw.
@@ -32,6 +34,40 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1") != "1":
     # The workers share the cores: one torch thread each, so no kernel waits at a
     # thread barrier for a core that the other worker holds.
     torch.set_num_threads(1)
+
+
+class _GuardSkips(logging.Handler):
+    """Collects the log records in which the recipe guard says it skipped its checks."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.skipped: List[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, SKIPPED):
+            self.skipped.append(record.getMessage())
+
+
+@pytest.fixture(autouse=True)
+def guard_skips(request) -> Iterator[List[str]]:
+    """What the recipe guard skipped in this test (in this process), one message each.
+
+    The guard skips its checks only when mergekit's internals are not what it
+    expects; a test in which it does fails, unless it is marked ``guard_skips``.
+    """
+    handler = _GuardSkips()
+    logger = logging.getLogger("mergekit_nan")
+    level = logger.level
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)  # the guard says what it skipped at INFO (mergekit's -v)
+    logger.addHandler(handler)
+    try:
+        yield handler.skipped
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    if handler.skipped and request.node.get_closest_marker("guard_skips") is None:
+        pytest.fail("; ".join(handler.skipped), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ hook or the plugin.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -81,6 +82,8 @@ def test_mergekit_multi_logs_the_warnings_of_its_stages(family, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "work" / "stage" / "config.json").exists()
     assert any("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr))
+    # Checked up front and again by the stage's run_merge: said once.
+    assert sum("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr)) == 1
 
 
 ERRORS = {
@@ -168,9 +171,48 @@ class _MovedPlanner:
     config = None
 
 
-def test_the_guard_falls_silent_when_mergekit_internals_move(caplog):
+@pytest.mark.guard_skips
+def test_the_guard_falls_silent_when_mergekit_internals_move(caplog, guard_skips):
     assert guard._start(_MovedPlanner()) is None
-    assert caplog.records == [] or all(r.levelname == "DEBUG" for r in caplog.records)
+    # Below mergekit's default WARNING level: shown only with -v.
+    assert caplog.records == [] or all(r.levelno < logging.WARNING for r in caplog.records)
+    (skipped,) = guard_skips
+    assert skipped.startswith("mergekit-nan: the recipe guard skipped the recipe's checks before")
+    assert "AttributeError" in skipped and "model_dump" in skipped
+
+
+def _stock_command_whose_check_fails(config_path: Path, out: Path, *extra: str):
+    """mergekit-yaml in a new interpreter, with ``mergekit-nan check`` broken as if mergekit moved."""
+    program = (
+        "import sys\n"
+        "from mergekit_nan.doctor import check\n"
+        "def moved(*args, **kwargs):\n"
+        "    raise AttributeError('mergekit moved')\n"
+        "check.check_recipe = moved\n"
+        "from mergekit.scripts.run_yaml import main\n"
+        "from mergekit_nan.doctor.guard import install_guard\n"
+        "install_guard()\n"
+        "main(sys.argv[1:])\n"
+    )
+    arguments = [str(config_path), str(out), "--no-copy-tokenizer", *extra]
+    return subprocess.run(
+        [sys.executable, "-c", program, *arguments], capture_output=True, text=True, env=ENV
+    )
+
+
+def test_with_v_the_stock_command_says_which_checks_the_guard_skipped(family, tmp_path):
+    path = tmp_path / "nan.yml"
+    path.write_text(yaml.safe_dump(recipe(family, "nan")))
+    quiet = _stock_command_whose_check_fails(path, tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert plugin_lines(quiet.stderr) == []
+    verbose = _stock_command_whose_check_fails(path, tmp_path / "verbose", "-v")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert plugin_lines(verbose.stderr) == [
+        "INFO:mergekit_nan:mergekit-nan: the recipe guard skipped the recipe's checks before "
+        "the merge (AttributeError: mergekit moved)"
+    ]
+    assert (tmp_path / "verbose" / "config.json").exists()
 
 
 def test_installing_the_guard_twice_wraps_the_planner_once():

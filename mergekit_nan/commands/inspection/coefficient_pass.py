@@ -50,7 +50,7 @@ from mergekit_nan.granularity import (
     without_granularity,
 )
 from mergekit_nan.measure import measuring
-from mergekit_nan.mergekit_compat import plan_recipe
+from mergekit_nan.mergekit_compat import module_layers, plan_recipe, planned_tasks
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.parameters import Granularity
 from mergekit_nan.recipe import require_nan_recipe
@@ -160,7 +160,7 @@ class _RecordingPlanner(MergePlanner):
         super().plan_module(module_name, definition)
 
     def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
-        self._layer = self._current_module_layers
+        self._layer = module_layers(self)
         try:
             super().plan_layer(sources, layer_offset, t, cfg_reader, module_name)
         finally:
@@ -173,9 +173,9 @@ class _RecordingPlanner(MergePlanner):
         models: List[ModelReference],
         cfg_reader,
     ):
-        before = len(self._tensors)
+        before = len(planned_tasks(self))
         super().plan_tensor(weight, weights_in, models, cfg_reader)
-        if len(self._tensors) == before:
+        if len(planned_tasks(self)) == before:
             return
         slices = self.config.modules[self._module_name].slices
         index = next(i for i, s in enumerate(slices) if s is cfg_reader.slice_out)
@@ -273,8 +273,7 @@ def measure_recipe(
         for model in config.referenced_models():
             loaders.get(model)
         planner = plan_recipe(config, options, _RecordingPlanner)
-        # The planner's own tensor list: (output WeightInfo, merge task) pairs.
-        planned = planner._tensors
+        planned = planned_tasks(planner)  # (output WeightInfo, merge task) pairs
         tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
         if options.multi_gpu:
             # Each tensor's norms are computed on the GPU that holds it.
