@@ -26,6 +26,7 @@ __all__ = [
     "check_models",
     "load_recipe",
     "looks_like_repo",
+    "parse_recipe",
     "read_recipe",
     "require_nan_recipe",
     "uses_nan",
@@ -55,7 +56,11 @@ def read_recipe(path: str) -> RecipeFile:
     """Read a recipe file once: ``FileNotFoundError`` when missing, ``yaml.YAMLError`` when
     it is not YAML."""
     with open(path, encoding="utf-8") as file:
-        text = file.read()
+        return parse_recipe(path, file.read())
+
+
+def parse_recipe(path: str, text: str) -> RecipeFile:
+    """A recipe file's text, already read, parsed (``yaml.YAMLError`` when it is not YAML)."""
     documents = tuple(doc for doc in yaml.safe_load_all(text) if doc is not None)
     return RecipeFile(os.fspath(path), text, documents)
 

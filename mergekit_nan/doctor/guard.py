@@ -292,9 +292,10 @@ def _readable_documents(path: str, multi: bool) -> Optional[list]:
     from mergekit.config import MergeConfiguration
 
     from mergekit_nan.doctor.plan_checks import readable_error
+    from mergekit_nan.recipe import parse_recipe
 
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = list(parse_recipe(path, text).documents)
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {readable_error(error)}") from None
     if not documents or not all(isinstance(d, dict) for d in documents):
