@@ -19,9 +19,8 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors, run_mergekit_yaml
 from safetensors.torch import load_file, save_file
-from stock import run_command
+from support import load_model_tensors, nan_alphas, run_command, run_mergekit_yaml
 
 from mergekit_nan.lora import concatenate, factor_norm, factor_sum, truncate
 
@@ -96,12 +95,7 @@ def nan_expected(base, updates, *, priors=None, lam=1.0, total=None, pooled=None
     for name, tensor in base.items():
         deltas = [u[name] for u in updates]
         norms = pooled[name] if pooled else [float(d.norm()) for d in deltas]
-        weights = priors or [1.0] * len(deltas)
-        inverse = [w / n if n > 0 else 0.0 for w, n in zip(weights, norms)]
-        if not any(inverse):
-            result[name] = tensor.double()
-            continue
-        shares = [v / sum(inverse) for v in inverse]
+        shares = nan_alphas(norms, priors)  # every delta zero: the base
         scale = lam if total is None else lam * total
         merged = tensor.double() + sum(scale * s * d for s, d in zip(shares, deltas))
         result[name] = merged

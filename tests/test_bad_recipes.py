@@ -16,7 +16,7 @@ from typing import Callable, Dict, List
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
-from stock import run_command
+from support import run_command
 
 from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 

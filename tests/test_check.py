@@ -22,8 +22,7 @@ import safetensors
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors
-from stock import run_command
+from support import load_model_tensors, run_command
 from transformers import LlamaForCausalLM
 
 from mergekit_nan.commands.cli import main

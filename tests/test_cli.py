@@ -14,15 +14,14 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import ConditionalParameter, evaluate_setting
-from stock import run_command
+from support import load_model_tensors, nan_alphas, run_command, run_mergekit_yaml, tensors_of
 
 from mergekit_nan.commands.cli import main
 from mergekit_nan.commands.freeze import _setting
@@ -30,14 +29,6 @@ from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 
 LAYERS = 2
 NON_LAYER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-
-_TENSORS: Dict[Path, Dict[str, torch.Tensor]] = {}
-
-
-def tensors_of(path: Path) -> Dict[str, torch.Tensor]:
-    if path not in _TENSORS:
-        _TENSORS[path] = {k: v.double() for k, v in load_model_tensors(path).items()}
-    return _TENSORS[path]
 
 
 def invoke(*args: str):
@@ -54,11 +45,6 @@ def layer_of(name: str):
         if f".layers.{layer}." in name:
             return layer
     return None
-
-
-def inverse_norm_shares(norms: Sequence[float], priors: Sequence[float], p: float) -> List[float]:
-    scores = [w * n ** (-p) for w, n in zip(priors, norms)]
-    return [s / sum(scores) for s in scores]
 
 
 def delta_norms(family: List[Path], name: str) -> List[float]:
@@ -95,7 +81,7 @@ def expected_nan(family: List[Path], name: str):
     layer = layer_of(name)
     t = 0.0 if layer is None else layer / (LAYERS - 1)
     lam = LAMBDA[0] + t * (LAMBDA[1] - LAMBDA[0])
-    return inverse_norm_shares(delta_norms(family, name), priors, p), lam
+    return nan_alphas(delta_norms(family, name), priors, p), lam
 
 
 @pytest.fixture(scope="session")
@@ -256,7 +242,7 @@ def test_frozen_ties_plus_nan_is_bit_identical(family, tmp_path):
             name = entry["filter"]
             index = [str(p) for p in family[1:]].index(source["model"])
             total = 6.0 if "mlp" in name else 3.0
-            shares = inverse_norm_shares(delta_norms(family, name), [1, 1, 1], 1.0)
+            shares = nan_alphas(delta_norms(family, name), [1, 1, 1], 1.0)
             assert entry["value"] == pytest.approx(total * shares[index], rel=1e-5)
     plugin, stock = tmp_path / "plugin", tmp_path / "stock"
     run_mergekit_yaml(recipe, plugin)
@@ -276,7 +262,7 @@ def test_model_granularity_freezes_one_weight_per_model(family, tmp_path):
     whole = [
         math.sqrt(sum(float((t**2).sum()) for t in tensors_of(p).values())) for p in family[1:]
     ]
-    alphas = inverse_norm_shares(whole, [1, 1, 1], 1.0)
+    alphas = nan_alphas(whole, [1, 1, 1], 1.0)
     weights = [s["parameters"]["weight"] for s in frozen["slices"][0]["sources"]]
     assert weights == pytest.approx(alphas, rel=1e-6)  # float32 per-tensor norms
     stock = tmp_path / "stock"
@@ -307,7 +293,7 @@ def test_inspect_model_granularity_json(family, tmp_path):
         for p in family[1:]
     ]
     assert list(data["model_norms"].values()) == pytest.approx(whole, rel=1e-6)
-    weights = [1.5 * s for s in inverse_norm_shares(whole, [1, 1, 1], 1.0)]
+    weights = [1.5 * s for s in nan_alphas(whole, [1, 1, 1], 1.0)]
     for tensor in data["tensors"]:
         assert [m["weight"] for m in tensor["models"]] == pytest.approx(weights, rel=1e-6)
     assert "whole-model norms" in result.stdout
@@ -386,7 +372,7 @@ def test_inspect_merges_lora_references_like_mergekit(family, tmp_path):
             torch.linalg.vector_norm(tensors_of(family[2])[name] - base[name]).item(),
         ]
         got = [m["weight"] for m in tensor["models"]]
-        assert got == pytest.approx(inverse_norm_shares(norms, [1, 1], 1.0), rel=1e-5), name
+        assert got == pytest.approx(nan_alphas(norms, [1, 1], 1.0), rel=1e-5), name
     assert checked == 2 * LAYERS
     assert data["models"][0] == f"{family[1]}+{adapter}"
 

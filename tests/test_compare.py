@@ -17,8 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors, run_mergekit_yaml
-from stock import run_command
+from support import load_model_tensors, run_command, run_mergekit_yaml
 
 from mergekit_nan.commands import compare_score
 from mergekit_nan.doctor.heldout import DataError, load_documents

@@ -6,13 +6,13 @@ square), so every architecture runs in float32, bfloat16 and float16 and every
 method in every dtype. Inputs are stored in the cell's dtype. Every output
 tensor is compared with an independent computation:
 
-- ``nan``: the float64 formula (``test_method.expected_merge``) on the inputs
+- ``nan``: the float64 formula (``support.nan_merge``) on the inputs
   upcast to float64. The plugin computes in float32 and rounds to the output
   dtype once, so the admissible error is that rounding: 1e-6 in float32 (a few
   float32 ulps), ``finfo(dtype).eps`` in half precision (twice the bound of
   one final rounding, eps / 2, relative to the tensor's largest entry).
 - ``ties+nan``: stock ``ties`` on the same inputs given float64 NAN weights
-  (``test_modifier.nan_weights``). Stock ties computes in the input dtype, so
+  (``support.nan_weights``). Stock ties computes in the input dtype, so
   the reference does too; the composite's coefficients are float32, so the
   admissible error is a weight differing in its last bit: 2e-6 in float32,
   ``finfo(dtype).eps`` in half precision.
@@ -33,13 +33,18 @@ from typing import Dict, List
 import pytest
 import torch
 from compat_models import ARCHITECTURES, Family
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import merge_tensors
 from mergekit.options import MergeOptions
-from test_method import expected_merge
-from test_modifier import nan_weights, relative_error, report
+from support import (
+    load_model_tensors,
+    nan_merge,
+    nan_weights,
+    relative_error,
+    report,
+    run_mergekit_yaml,
+)
 
 METHODS = ("nan", "ties+nan", "dare_ties+nan")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -119,7 +124,7 @@ def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.T
     for name, tensor in base.items():
         others = [m[name] for m in tuned]
         if cell.method == "nan":
-            expected[name] = expected_merge(others, tensor)
+            expected[name] = nan_merge(others, tensor)
         else:
             expected[name] = merge_tensors(
                 [tensor, *others],

@@ -2,8 +2,8 @@
 
 Each test checks one stock-command run on tiny random checkpoints
 (``compat_models``) against an independent computation: the float64 ``nan``
-formula (``test_method.expected_merge``) or the stock method given float64 NAN
-weights (``test_modifier.nan_weights``). All runs are float32, so the
+formula (``support.nan_merge``) or the stock method given float64 NAN
+weights (``support.nan_weights``). All runs are float32, so the
 tolerances are those of float32 coefficients: 1e-6 for ``nan``, 2e-6 for
 ``ties+nan``. Each test records and prints its max relative error.
 """
@@ -24,11 +24,8 @@ from compat_models import (
     Families,
     checkpoint_tensors,
 )
-from conftest import run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
-from stock import run_command
-from test_method import expected_merge
-from test_modifier import nan_weights, relative_error, report
+from support import nan_merge, nan_weights, relative_error, report, run_command, run_mergekit_yaml
 
 NAN_TOLERANCE = 1e-6
 TIES_TOLERANCE = 2e-6
@@ -188,7 +185,7 @@ def test_tokenizer_union(path_runs, tiny_families, record_property):
             donor = tuned[-1][name][[VOCAB + ADDED_TOKENS.index(t) for t in ADDED_TOKENS]]
             assert torch.isfinite(tensor[added]).all(), name
             torch.testing.assert_close(tensor[added], donor, rtol=0, atol=1e-7)
-        expected = expected_merge([m[name][:rows] for m in tuned], base[name][:rows])
+        expected = nan_merge([m[name][:rows] for m in tuned], base[name][:rows])
         errors[name] = relative_error(tensor[:rows], expected)
     assert worst_error(errors, "tokenizer_source: union, nan", record_property) < NAN_TOLERANCE
 
@@ -225,7 +222,7 @@ def test_pytorch_bin_with_lazy_unpickle(path_runs, tiny_families, record_propert
     merged = checkpoint_tensors(out)
     assert set(merged) == set(base)
     errors = {
-        name: relative_error(tensor, expected_merge([m[name] for m in tuned], base[name]))
+        name: relative_error(tensor, nan_merge([m[name] for m in tuned], base[name]))
         for name, tensor in merged.items()
     }
     label = "pytorch_model.bin inputs, --lazy-unpickle, nan"
@@ -275,9 +272,7 @@ def test_frankenmerge_slices(path_runs, tiny_families, record_property):
     errors = {}
     for name, tensor in merged.items():
         source = source_layer(name)
-        errors[name] = relative_error(
-            tensor, expected_merge([m[source] for m in tuned], base[source])
-        )
+        errors[name] = relative_error(tensor, nan_merge([m[source] for m in tuned], base[source]))
     assert worst_error(errors, "slices frankenmerge (gpt2), nan", record_property) < NAN_TOLERANCE
 
 
@@ -294,7 +289,7 @@ def test_mergekit_multi_ties_stage_feeds_nan(path_runs, tiny_families, record_pr
         for name in base
     }
     final_errors = {
-        name: relative_error(final[name], expected_merge([stage[name], ft2[name]], base[name]))
+        name: relative_error(final[name], nan_merge([stage[name], ft2[name]], base[name]))
         for name in base
     }
     label = "mergekit-multi (phi3)"

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors, run_mergekit_yaml
+from support import load_model_tensors, run_mergekit_yaml
 
 from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, frobenius_norms, tensor_coefficients
 from mergekit_nan.commands.cli import main

@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge_methods import get
+from support import load_model_tensors, nan_alphas, run_mergekit_yaml, tensors_of
 
 from mergekit_nan.commands.card import FROZEN_FILE
 from mergekit_nan.commands.cli import main
@@ -30,13 +30,6 @@ from mergekit_nan.errors import RecipeError
 from mergekit_nan.granularity import recipe_granularity, resolve_granularity
 
 LAYERS = 2
-_TENSORS: Dict[Path, Dict[str, torch.Tensor]] = {}
-
-
-def tensors_of(path: Path) -> Dict[str, torch.Tensor]:
-    if path not in _TENSORS:
-        _TENSORS[path] = {k: v.double() for k, v in load_model_tensors(path).items()}
-    return _TENSORS[path]
 
 
 def invoke(*args):
@@ -88,11 +81,6 @@ def pooled_norms(
     return {name: [math.sqrt(s) for s in squares[group(name)]] for name in names}
 
 
-def alphas(norms: Sequence[float], priors: Sequence[float], p: float = 1.0) -> List[float]:
-    scores = [w * n ** (-p) if n > 0 else 0.0 for w, n in zip(priors, norms)]
-    return [s / sum(scores) for s in scores]
-
-
 def expected_nan(
     models: Sequence[Path],
     base: Optional[Path],
@@ -103,7 +91,7 @@ def expected_nan(
     """The nan merge with the given norms: base + lam sum a_i x_i, or sum a_i theta_i."""
     out = {}
     for name, row in norms.items():
-        a = alphas(row, priors)
+        a = nan_alphas(row, priors)
         if base is None:
             out[name] = sum(ai * tensors_of(m)[name] for ai, m in zip(a, models))
         else:
@@ -148,7 +136,7 @@ def test_model_granularity_with_base_delta_priors_lambda(family, tmp_path):
     card = (tmp_path / "out" / "README.md").read_text()
     assert "[NAN](https://arxiv.org/abs/2505.16148)" in card
     assert "**model** granularity" in card
-    for value in alphas(norms["lm_head.weight"], PRIORS):
+    for value in nan_alphas(norms["lm_head.weight"], PRIORS):
         assert f"{value:.4f}" in card
     assert (tmp_path / "out" / "mergekit_config.yml").read_text() == recipe.read_text()
     frozen = yaml.safe_load((tmp_path / "out" / FROZEN_FILE).read_text())
@@ -191,7 +179,7 @@ def test_layer_granularity_weights_norm_with_base(family, tmp_path):
     base = tensors_of(family[0])
     got = tensors_of(tmp_path / "out")
     for name, row in norms.items():
-        a = alphas(row, PRIORS, p=2.0)
+        a = nan_alphas(row, PRIORS, 2.0)
         expected = base[name] + sum(
             ai * (tensors_of(m)[name] - base[name]) for ai, m in zip(a, family[1:])
         )
@@ -212,7 +200,7 @@ def test_inspect_layer_json_has_pooled_norms(family, tmp_path):
     for layer, values in layers.items():
         assert values == pytest.approx(norms[f"model.layers.{layer}.mlp.up_proj.weight"], rel=1e-6)
     for tensor in data["tensors"]:
-        shares = alphas(norms[tensor["name"]], PRIORS)
+        shares = nan_alphas(norms[tensor["name"]], PRIORS)
         assert [m["share"] for m in tensor["models"]] == pytest.approx(shares, rel=1e-6)
 
 
@@ -395,7 +383,7 @@ def test_slices_pool_by_output_layer(family, tmp_path):
     for name in base:
         layer = layer_of(name)
         source = name if layer is None else name.replace(f".{layer}.", f".{1 - layer}.", 1)
-        a = alphas(norms[source], [1.0, 1.0, 1.0])
+        a = nan_alphas(norms[source], [1.0, 1.0, 1.0])
         expected[name] = base[source] + sum(
             ai * (tensors_of(m)[source] - base[source]) for ai, m in zip(a, family[1:])
         )
@@ -431,7 +419,7 @@ def test_lora_reference_merges_at_model_granularity(family, tmp_path):
     # The adapter moved q/v: model granularity weighs the whole adapted model.
     weights = [s["parameters"]["weight"] for s in frozen["slices"][0]["sources"][:2]]
     plain = pooled_norms(task_vectors(family[1:3], family[0]), "model")["lm_head.weight"]
-    assert weights != pytest.approx(alphas(plain, [1.0, 1.0]), rel=1e-6)
+    assert weights != pytest.approx(nan_alphas(plain, [1.0, 1.0]), rel=1e-6)
 
 
 # -- inspect runs mergekit's own merge adapter -------------------------------------------------
@@ -476,7 +464,7 @@ def test_measurement_follows_mergekits_adapter():
     weighting = task.execute(tensors=values)
     deltas = [torch.linalg.vector_norm((values[m] - values[base]).double()).item() for m in (a, b)]
     assert weighting.models == (a, b)
-    assert list(weighting.shares) == pytest.approx(alphas(deltas, [1.0, 1.0]), rel=1e-6)
+    assert list(weighting.shares) == pytest.approx(nan_alphas(deltas, [1.0, 1.0]), rel=1e-6)
     # mergekit passes an optional tensor that only one input has through: no NAN.
     assert task.execute(tensors={a: values[a]}) is None
     assert torch.equal(merge.execute(tensors={a: values[a]}), values[a])
@@ -485,7 +473,7 @@ def test_measurement_follows_mergekits_adapter():
     assert task.execute(tensors={m: ints for m in (base, a, b)}) is None
     # Outside the measurement the same adapter merges as usual.
     merged = merge.execute(tensors=values)
-    a_, b_ = alphas(deltas, [1.0, 1.0])
+    a_, b_ = nan_alphas(deltas, [1.0, 1.0])
     expected = values[base] + a_ * (values[a] - values[base]) + b_ * (values[b] - values[base])
     torch.testing.assert_close(merged, expected, rtol=0, atol=1e-6)
     with measuring():
@@ -500,4 +488,4 @@ def test_measurement_of_a_composite_with_only_the_base_is_none():
     values = {m: torch.full((3,), float(i)) for i, m in enumerate((base, a, b))}
     assert task.execute(tensors={base: values[base]}) is None
     weighting = task.execute(tensors=values)
-    assert weighting.weights == pytest.approx(alphas([1.0 * 3**0.5, 2.0 * 3**0.5], [1, 1]))
+    assert weighting.weights == pytest.approx(nan_alphas([1.0 * 3**0.5, 2.0 * 3**0.5], [1, 1]))

@@ -17,8 +17,7 @@ from typing import Dict, List
 
 import pytest
 import yaml
-from conftest import run_mergekit_yaml
-from stock import run_command
+from support import run_command, run_mergekit_yaml
 
 from mergekit_nan.doctor import guard
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stock import run_command
+from support import run_command
 
 from mergekit_nan.doctor.model_files import collect_models
 from mergekit_nan.doctor.safetensors_header import HeaderError, read_safetensors_header

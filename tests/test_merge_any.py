@@ -15,10 +15,8 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import run_mergekit_yaml
 from safetensors.torch import load_file, save_file
-from stock import STALL_MARKER, run_command, start_child, wait_for
-from test_safety import snapshot
+from support import STALL_MARKER, run_command, run_mergekit_yaml, snapshot, start_child, wait_for
 
 from mergekit_nan.commands.options import STOCK_ONLY
 from mergekit_nan.commands.output import leftovers

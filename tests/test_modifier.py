@@ -1,7 +1,7 @@
 """``<method>+nan``: the stock method, given NAN weights computed independently here.
 
 Every expected value comes from the stock method (mergekit's ``merge_state_dicts`` /
-``merge_tensors``) fed with per-tensor weights from :func:`nan_weights`, a float64
+``merge_tensors``) fed with per-tensor weights from ``support.nan_weights``, a float64
 computation written out in this file. The composite computes its coefficients in
 float32 (inputs are float32), so the only admissible difference is that rounding.
 Each comparison prints its max relative error (``pytest -s``).
@@ -9,12 +9,10 @@ Each comparison prints its max relative error (``pytest -s``).
 
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List
 
 import pytest
 import torch
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
@@ -26,6 +24,7 @@ from mergekit.merge_methods import (
     merge_state_dicts,
     merge_tensors,
 )
+from support import load_model_tensors, nan_weights, relative_error, report, run_mergekit_yaml
 
 from mergekit_nan import modifiable_methods, nan_coefficients
 from mergekit_nan.commands.tiny import tiny_llama_config, write_family
@@ -34,27 +33,6 @@ from mergekit_nan.errors import RecipeError
 MODELS = ("a", "b", "c")
 TOLERANCE = 2e-6
 """Max relative error allowed: float32 rounding of the coefficients, nothing more."""
-
-
-def nan_weights(
-    tensors: Sequence[torch.Tensor], base: Optional[torch.Tensor], total: float = 1.0
-) -> List[float]:
-    """total * ||x_i||^-1 / sum_j ||x_j||^-1 in float64; zero task vectors get 0."""
-    inverse = []
-    for tensor in tensors:
-        x = tensor.double() - (base.double() if base is not None else 0.0)
-        norm = math.sqrt(float((x * x).sum()))
-        inverse.append(1.0 / norm if norm > 0 else 0.0)
-    return [total * value / sum(inverse) for value in inverse]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
-
-
-def report(label: str, error: float, record_property) -> None:
-    record_property("max_relative_error", error)
-    print(f"\n  max relative error, {label}: {error:.2e}")
 
 
 def state_dicts(seed: int) -> Dict[str, Dict[str, torch.Tensor]]:
@@ -111,7 +89,7 @@ def test_composite_equals_stock_method_with_nan_weights(method, parameters, reco
                     nan_weights(
                         [models[m][name] for m in MODELS],
                         models["base"][name] if base_aware else None,
-                        total,
+                        total=total,
                     ),
                 )
             )
@@ -423,7 +401,7 @@ def test_mergekit_yaml_ties_with_slices_filters_and_gradient(
     for name, tensor in merged.items():
         source, slice_index, t = source_of(name)
         total = 2.0 + gradient_value(GRADIENTS[slice_index], t)
-        weights = nan_weights([m[source] for m in tuned], base[source], total)
+        weights = nan_weights([m[source] for m in tuned], base[source], total=total)
         expected = merge_tensors(
             [base[source], *(m[source] for m in tuned)],
             "ties",
@@ -448,7 +426,7 @@ def frozen_nan_weights(paths) -> Dict[int, List[list]]:
     for output_name in names:
         source, slice_index, t = source_of(output_name)
         total = 2.0 + gradient_value(GRADIENTS[slice_index], t)
-        weights = nan_weights([m[source] for m in tuned], base[source], total)
+        weights = nan_weights([m[source] for m in tuned], base[source], total=total)
         for column, value in zip(settings[slice_index], weights):
             column.append({"filter": source, "value": value})
     return settings

@@ -19,8 +19,7 @@ from typing import Callable, Dict, List
 
 import pytest
 import yaml
-from stock import run_command
-from test_safety import snapshot
+from support import run_command, snapshot
 
 from mergekit_nan.commands.tiny import write_family
 

@@ -9,33 +9,29 @@ writes fail (``RLIMIT_FSIZE``). Afterwards the inputs are byte-identical and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
 import yaml
-from conftest import family_recipe, load_model_tensors
-from stock import STALL_MARKER, run_command, start_child, wait_for
+from support import (
+    STALL_MARKER,
+    family_recipe,
+    load_model_tensors,
+    run_command,
+    snapshot,
+    start_child,
+    wait_for,
+)
 
 from mergekit_nan.commands.output import PARTIAL, leftovers
 
 SHARD = "20K"
 """Output shard size (parameters): the tiny model is written in several shards."""
-
-
-def snapshot(*roots: Path) -> Dict[str, str]:
-    """Path -> SHA-256 of every file under ``roots`` (an absent root contributes nothing)."""
-    digests = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")) if root.exists() else ():
-            if path.is_file():
-                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
 
 
 def write_recipe(path: Path, family: List[Path], method: str = "nan") -> Path:

@@ -1,0 +1,78 @@
+"""What the tests share: one float64 NAN reference, one recipe builder, one command runner.
+
+* :mod:`support.reference`: the float64 NAN formula of ``docs/recipes.md``
+  (:func:`nan_alphas`, :func:`nan_weights`, :func:`nan_merge`).
+* :mod:`support.recipes`: :func:`recipe` builds a recipe, :func:`write_recipe` writes one.
+* :mod:`support.runner`: :func:`run_command` runs ``mergekit-nan`` or a stock
+  command in this process and returns a :class:`subprocess.CompletedProcess`;
+  :func:`start_child` runs one in a real (forked) process.
+* :mod:`support.checkpoints`: the tensors of a checkpoint directory.
+* :mod:`support.pages`: the code blocks of the docs and the benchmark scripts they run.
+
+Fixtures live in ``conftest.py``; test modules import helpers from here, never
+from each other.
+"""
+
+from .checkpoints import load_model_tensors, snapshot, tensors_of
+from .pages import (
+    BENCHMARKS,
+    DOCUMENTED,
+    REPO,
+    Block,
+    benchmark_folder,
+    benchmark_script,
+    blocks,
+    commands,
+    documented_arguments,
+    run_benchmark,
+)
+from .recipes import family_recipe, recipe, write_recipe
+from .reference import (
+    nan_alphas,
+    nan_merge,
+    nan_weights,
+    relative_error,
+    report,
+    task_vector_norm,
+)
+from .runner import (
+    STALL_MARKER,
+    Child,
+    command,
+    run_command,
+    run_mergekit_yaml,
+    start_child,
+    wait_for,
+)
+
+__all__ = [
+    "BENCHMARKS",
+    "DOCUMENTED",
+    "REPO",
+    "STALL_MARKER",
+    "Block",
+    "Child",
+    "benchmark_folder",
+    "benchmark_script",
+    "blocks",
+    "command",
+    "commands",
+    "documented_arguments",
+    "family_recipe",
+    "load_model_tensors",
+    "nan_alphas",
+    "nan_merge",
+    "nan_weights",
+    "recipe",
+    "relative_error",
+    "report",
+    "run_benchmark",
+    "run_command",
+    "run_mergekit_yaml",
+    "snapshot",
+    "start_child",
+    "tensors_of",
+    "task_vector_norm",
+    "wait_for",
+    "write_recipe",
+]
