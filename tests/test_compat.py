@@ -38,6 +38,7 @@ from mergekit.merge import run_merge
 from mergekit.merge_methods import merge_tensors
 from mergekit.options import MergeOptions
 from support import (
+    build_recipe,
     load_model_tensors,
     nan_merge,
     nan_weights,
@@ -79,19 +80,12 @@ CELLS = [
 ]
 
 
-def recipe(method: str, family: Family, dtype: str, weights=None) -> Dict:
+def cell_recipe(method: str, family: Family, dtype: str, weights=None) -> Dict:
     """``method`` on the family; ``weights[i]`` is fine-tune i's ``weight`` setting."""
-    models = [{"model": str(p)} for p in family.tuned]
-    if weights is not None:
-        for model, setting in zip(models, weights):
-            model["parameters"] = {"weight": setting}
-    return {
-        "merge_method": method,
-        "base_model": str(family.base),
-        "models": models,
-        "parameters": {} if method == "nan" else {"density": DENSITY},
-        "dtype": dtype,
-    }
+    parameters = {} if method == "nan" else {"density": DENSITY}
+    return build_recipe(
+        family.tuned, method, base=family.base, weights=weights, parameters=parameters, dtype=dtype
+    )
 
 
 def seed_arguments(method: str) -> List[str]:
@@ -108,7 +102,7 @@ def stock_dare_ties(family: Family, dtype: str, out: Path) -> Dict[str, torch.Te
     for name in names:
         for setting, weight in zip(settings, nan_weights([m[name] for m in tuned], base[name])):
             setting.append({"filter": name, "value": weight})
-    config = MergeConfiguration.model_validate(recipe("dare_ties", family, dtype, settings))
+    config = MergeConfiguration.model_validate(cell_recipe("dare_ties", family, dtype, settings))
     options = MergeOptions(
         random_seed=SEED, copy_tokenizer=False, write_model_card=False, quiet=True
     )
@@ -139,7 +133,9 @@ def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.T
 def test_matrix_cell(cell, tiny_families, tmp_path, record_property):
     family = tiny_families.get(cell.arch, cell.torch_dtype)
     out = tmp_path / str(cell)
-    run_mergekit_yaml(recipe(cell.method, family, cell.dtype), out, *seed_arguments(cell.method))
+    run_mergekit_yaml(
+        cell_recipe(cell.method, family, cell.dtype), out, *seed_arguments(cell.method)
+    )
     merged = load_model_tensors(out)
     base = load_model_tensors(family.base)
     # exactly the checkpoint's tensors: tied models get no lm_head

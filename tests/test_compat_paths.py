@@ -25,22 +25,24 @@ from compat_models import (
     checkpoint_tensors,
 )
 from mergekit.merge_methods import merge_tensors
-from support import nan_merge, nan_weights, relative_error, report, run_command, run_mergekit_yaml
+from support import (
+    build_recipe,
+    nan_merge,
+    nan_weights,
+    relative_error,
+    report,
+    run_command,
+    run_mergekit_yaml,
+)
 
 NAN_TOLERANCE = 1e-6
 TIES_TOLERANCE = 2e-6
 DENSITY = 0.5
 
 
-def recipe(method: str, base: Path, tuned: Sequence[Path], **extra) -> Dict:
-    return {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in tuned],
-        "parameters": {} if method == "nan" else {"density": DENSITY},
-        "dtype": "float32",
-        **extra,
-    }
+def paths_recipe(method: str, base: Path, tuned: Sequence[Path], **extra) -> Dict:
+    parameters = {} if method == "nan" else {"density": DENSITY}
+    return build_recipe(tuned, method, base=base, parameters=parameters, **extra)
 
 
 def ties_reference(base: torch.Tensor, tuned: List[torch.Tensor]) -> torch.Tensor:
@@ -64,19 +66,19 @@ def worst_error(errors: Dict[str, float], label: str, record_property) -> float:
 
 def union_run(families: Families, out: Path) -> Callable:
     family = families.with_added_tokens("llama")
-    config = recipe("nan", family.base, family.tuned, tokenizer_source="union")
+    config = paths_recipe("nan", family.base, family.tuned, tokenizer_source="union")
     return lambda: run_mergekit_yaml(config, out, copy_tokenizer=True)
 
 
 def base_tokenizer_run(families: Families, out: Path) -> Callable:
     family = families.with_added_tokens("qwen2")
-    config = recipe("ties+nan", family.base, family.tuned, tokenizer_source="base")
+    config = paths_recipe("ties+nan", family.base, family.tuned, tokenizer_source="base")
     return lambda: run_mergekit_yaml(config, out, copy_tokenizer=True)
 
 
 def pickle_run(families: Families, out: Path) -> Callable:
     family = families.get("mistral", layout="bin")
-    config = recipe("nan", family.base, family.tuned)
+    config = paths_recipe("nan", family.base, family.tuned)
     return lambda: run_mergekit_yaml(config, out, "--lazy-unpickle")
 
 
@@ -85,7 +87,7 @@ OUT_SHARD_SIZE = "20K"
 
 def shards_run(families: Families, out: Path) -> Callable:
     family = families.get("qwen3", layout="sharded")
-    config = recipe("ties+nan", family.base, family.tuned)
+    config = paths_recipe("ties+nan", family.base, family.tuned)
     return lambda: run_mergekit_yaml(config, out, "--out-shard-size", OUT_SHARD_SIZE)
 
 
@@ -111,8 +113,8 @@ def multi_run(families: Families, out: Path) -> Callable:
     """Stage ``ties_stage`` (ties+nan of ft0, ft1) feeds the final ``nan`` stage with ft2."""
     family = families.get("phi3")
     base, ft0, ft1, ft2 = family.paths
-    stage = {"name": "ties_stage", **recipe("ties+nan", base, [ft0, ft1])}
-    final = recipe("nan", base, [ft2])
+    stage = {"name": "ties_stage", **paths_recipe("ties+nan", base, [ft0, ft1])}
+    final = paths_recipe("nan", base, [ft2])
     final["models"].insert(0, {"model": "ties_stage"})
     out.mkdir(parents=True)
     config = out / "multi.yml"

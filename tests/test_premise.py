@@ -10,9 +10,8 @@ from typing import Dict, List
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import save_file
-from support import family_recipe, load_model_tensors, nan_alphas, run_command
+from support import family_recipe, load_model_tensors, nan_alphas, run_command, write_recipe
 
 SHIFTED = ("model.norm.weight", "model.layers.0.input_layernorm.weight")
 """Tensors of the shifted fine-tune whose update is mostly a constant."""
@@ -33,9 +32,7 @@ def shifted_family(family, tmp_path_factory) -> List[Path]:
 
 def recipe_file(paths: List[Path], directory: Path, method: str = "nan") -> Path:
     config = family_recipe(paths, method, **({} if method == "nan" else {"density": 0.5}))
-    path = directory / "recipe.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_recipe(directory / "recipe.yml", config)
 
 
 def float64_reading(paths: List[Path]) -> Dict[str, Dict]:

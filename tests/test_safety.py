@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import List
 
 import pytest
-import yaml
 from support import (
     STALL_MARKER,
     family_recipe,
@@ -26,17 +25,13 @@ from support import (
     snapshot,
     start_child,
     wait_for,
+    write_recipe,
 )
 
 from mergekit_nan.commands.output import PARTIAL, leftovers
 
 SHARD = "20K"
 """Output shard size (parameters): the tiny model is written in several shards."""
-
-
-def write_recipe(path: Path, family: List[Path], method: str = "nan") -> Path:
-    path.write_text(yaml.safe_dump(family_recipe(family, method)))
-    return path
 
 
 def merge_arguments(recipe: Path, out: Path, *extra: str) -> List[str]:
@@ -55,14 +50,14 @@ def merge_arguments(recipe: Path, out: Path, *extra: str) -> List[str]:
 def earlier(family, tmp_path) -> Path:
     """An output directory holding an earlier merge (ties+nan) and one more file."""
     out = tmp_path / "merged"
-    recipe = write_recipe(tmp_path / "ties.yml", family, "ties+nan")
+    recipe = write_recipe(tmp_path / "ties.yml", family_recipe(family, "ties+nan"))
     run_command("mergekit-nan", *merge_arguments(recipe, out), check=True)
     (out / "notes.txt").write_text("kept by the user")
     return out
 
 
 def test_a_killed_merge_leaves_a_new_out_path_absent_and_says_so_next_time(family, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     out = tmp_path / "merged"
     inputs = snapshot(*family)
     child = start_child(
@@ -83,7 +78,7 @@ def test_a_killed_merge_leaves_a_new_out_path_absent_and_says_so_next_time(famil
 
 @pytest.mark.parametrize("granularity", ["tensor", "model"])
 def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, granularity):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before, inputs = snapshot(earlier), snapshot(*family)
     arguments = merge_arguments(recipe, earlier, "--overwrite", "--granularity", granularity)
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
@@ -95,7 +90,7 @@ def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, 
 
 
 def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     arguments = merge_arguments(recipe, earlier, "--overwrite")
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
@@ -109,7 +104,7 @@ def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_p
 
 
 def test_a_terminated_merge_says_one_line_exits_143_and_leaves_nothing(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     arguments = merge_arguments(recipe, earlier, "--overwrite")
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
@@ -122,7 +117,7 @@ def test_a_terminated_merge_says_one_line_exits_143_and_leaves_nothing(family, e
 
 
 def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     largest = max(p.stat().st_size for p in earlier.glob("*.safetensors"))
     child = start_child(
@@ -140,7 +135,7 @@ def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
 
 
 def test_a_non_empty_out_path_is_refused_without_overwrite(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     result = run_command("mergekit-nan", *merge_arguments(recipe, earlier))
     assert result.returncode == 1
@@ -149,7 +144,7 @@ def test_a_non_empty_out_path_is_refused_without_overwrite(family, earlier, tmp_
 
 
 def test_overwrite_replaces_the_earlier_model_whole(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     alone = tmp_path / "alone"
     run_command("mergekit-nan", *merge_arguments(recipe, alone), check=True)
     run_command("mergekit-nan", *merge_arguments(recipe, earlier, "--overwrite"), check=True)

@@ -2,7 +2,7 @@
 
 * :mod:`support.reference`: the float64 NAN formula of ``docs/recipes.md``
   (:func:`nan_alphas`, :func:`nan_weights`, :func:`nan_merge`).
-* :mod:`support.recipes`: :func:`recipe` builds a recipe, :func:`write_recipe` writes one.
+* :mod:`support.recipes`: :func:`build_recipe` builds a recipe, :func:`write_recipe` writes one.
 * :mod:`support.runner`: :func:`run_command` runs ``mergekit-nan`` or a stock
   command in this process and returns a :class:`subprocess.CompletedProcess`;
   :func:`start_child` runs one in a real (forked) process.
@@ -13,7 +13,14 @@ Fixtures live in ``conftest.py``; test modules import helpers from here, never
 from each other.
 """
 
-from .checkpoints import load_model_tensors, snapshot, tensors_of
+from .checkpoints import (
+    load_model_tensors,
+    snapshot,
+    stored_shapes,
+    tensor_nbytes,
+    tensors_of,
+    write_lora_adapter,
+)
 from .pages import (
     BENCHMARKS,
     DOCUMENTED,
@@ -26,8 +33,18 @@ from .pages import (
     documented_arguments,
     run_benchmark,
 )
-from .recipes import family_recipe, recipe, write_recipe
+from .recipes import (
+    build_recipe,
+    family_recipe,
+    finding_codes,
+    only,
+    parsed,
+    report_codes,
+    weighted_recipe,
+    write_recipe,
+)
 from .reference import (
+    TOLERANCE,
     nan_alphas,
     nan_merge,
     nan_weights,
@@ -38,8 +55,10 @@ from .reference import (
 from .runner import (
     STALL_MARKER,
     Child,
+    assert_clean_failure,
     command,
     run_command,
+    run_merge,
     run_mergekit_yaml,
     start_child,
     wait_for,
@@ -50,8 +69,10 @@ __all__ = [
     "DOCUMENTED",
     "REPO",
     "STALL_MARKER",
+    "TOLERANCE",
     "Block",
     "Child",
+    "assert_clean_failure",
     "benchmark_folder",
     "benchmark_script",
     "blocks",
@@ -59,20 +80,29 @@ __all__ = [
     "commands",
     "documented_arguments",
     "family_recipe",
+    "finding_codes",
     "load_model_tensors",
     "nan_alphas",
     "nan_merge",
     "nan_weights",
-    "recipe",
+    "only",
+    "parsed",
+    "build_recipe",
     "relative_error",
     "report",
+    "report_codes",
     "run_benchmark",
     "run_command",
+    "run_merge",
     "run_mergekit_yaml",
     "snapshot",
     "start_child",
+    "stored_shapes",
+    "tensor_nbytes",
     "tensors_of",
     "task_vector_norm",
     "wait_for",
+    "weighted_recipe",
+    "write_lora_adapter",
     "write_recipe",
 ]

@@ -21,6 +21,10 @@ from typing import List, Optional, Sequence
 
 import torch
 
+TOLERANCE = 2e-6
+"""Max relative error of a float32 merge against this reference: float32 rounding of the
+coefficients, nothing more."""
+
 
 def task_vector_norm(tensor: torch.Tensor, base: Optional[torch.Tensor] = None) -> float:
     """‖θ − θ_b‖_F (‖θ‖_F without a base) in float64."""

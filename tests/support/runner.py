@@ -141,6 +141,28 @@ def run_mergekit_yaml(
     return result
 
 
+def run_merge(
+    recipe: Path, out: Path, *extra: object, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``mergekit-nan merge RECIPE OUT --no-copy-tokenizer EXTRA...`` in this process
+    (:func:`run_command`); with ``check`` a non-zero exit fails the test with its stderr."""
+    return run_command(
+        "mergekit-nan", "merge", recipe, out, "--no-copy-tokenizer", *extra, check=check
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words: str) -> None:
+    """A command's clean failure: exit 1, one ``Error: ...`` line naming ``words``, and
+    nothing written at ``out`` (no partial output beside it either)."""
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
+
+
 # -- real processes, forked from a server that has imported everything once ---------------
 
 _CONTEXT = multiprocessing.get_context("forkserver")
