@@ -14,6 +14,7 @@ from typing import List  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from hypothesis import settings  # noqa: E402
+from support import write_lora_adapter  # noqa: E402
 
 from mergekit_nan.commands.tiny import write_family  # noqa: E402
 
@@ -40,3 +41,32 @@ def tiny_families(tmp_path_factory):
     from compat_models import Families
 
     return Families(tmp_path_factory.mktemp("families"))
+
+
+ADAPTER_SPECS = [
+    # name, rank, alpha, rsLoRA, targets, modules_to_save, B scale
+    ("ad0", 4, 8, False, ["q_proj", "v_proj"], None, 0.05),
+    ("ad1", 2, 4, True, ["q_proj", "o_proj", "down_proj"], None, 0.1),
+    ("ad2", 8, 8, False, ["q_proj", "v_proj"], ["lm_head"], 0.02),
+]
+
+
+@pytest.fixture(scope="session")
+def adapters(family, tmp_path_factory) -> List[Path]:
+    """Three PEFT LoRA adapters on the family's base (:data:`ADAPTER_SPECS`, seeds 0-2)."""
+    pytest.importorskip("peft")
+    root = tmp_path_factory.mktemp("adapters")
+    return [
+        write_lora_adapter(
+            family[0],
+            root / name,
+            seed,
+            r=rank,
+            lora_alpha=alpha,
+            use_rslora=rs,
+            target_modules=targets,
+            modules_to_save=saved,
+            b_scale=scale,
+        )
+        for seed, (name, rank, alpha, rs, targets, saved, scale) in enumerate(ADAPTER_SPECS)
+    ]
