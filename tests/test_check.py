@@ -178,7 +178,7 @@ def test_incomplete_models(family, tmp_path):
     assert f"shard {shards[-1]} listed in its index is missing" in found["models[0].model"]
     assert "no config.json" in found["models[1].model"]
     assert "no model.safetensors or pytorch_model.bin" in found["models[2].model"]
-    assert report.returncode() == 1
+    assert report.exit_code() == 1
 
 
 # -- no tensor data is read ----------------------------------------------------------------
