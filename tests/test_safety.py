@@ -89,29 +89,26 @@ def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, 
     assert len(leftovers(earlier)) == 1
 
 
-def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_path):
+STOPS = {
+    "interrupted": (signal.SIGINT, 130, "Interrupted"),  # Ctrl-C
+    "terminated": (signal.SIGTERM, 143, "Terminated"),  # what kill, timeout and job schedulers send
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stopped_merge_says_one_line_and_leaves_the_earlier_model(
+    family, earlier, tmp_path, stop
+):
+    sent, status, word = STOPS[stop]
     recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     arguments = merge_arguments(recipe, earlier, "--overwrite")
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
     wait_for(tmp_path / STALL_MARKER, child)
     assert (tmp_path / STALL_MARKER).read_text() == str(child.process.pid)
-    os.kill(child.process.pid, signal.SIGINT)
-    assert child.wait() == 130, child.output
-    assert child.output.strip().splitlines()[-1] == f"Interrupted: {earlier} was left as it was."
-    assert "Traceback" not in child.output
-    assert snapshot(earlier) == before and leftovers(earlier) == []
-
-
-def test_a_terminated_merge_says_one_line_exits_143_and_leaves_nothing(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
-    before = snapshot(earlier)
-    arguments = merge_arguments(recipe, earlier, "--overwrite")
-    child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
-    wait_for(tmp_path / STALL_MARKER, child)
-    os.kill(child.process.pid, signal.SIGTERM)  # what kill, timeout and job schedulers send
-    assert child.wait() == 143, child.output
-    assert child.output.strip().splitlines()[-1] == f"Terminated: {earlier} was left as it was."
+    os.kill(child.process.pid, sent)
+    assert child.wait() == status, child.output
+    assert child.output.strip().splitlines()[-1] == f"{word}: {earlier} was left as it was."
     assert "Traceback" not in child.output
     assert snapshot(earlier) == before and leftovers(earlier) == []  # no partial directory
 
