@@ -2,11 +2,14 @@
 
 * :mod:`support.reference`: the float64 NAN formula of ``docs/recipes.md``
   (:func:`nan_alphas`, :func:`nan_weights`, :func:`nan_merge`).
-* :mod:`support.recipes`: :func:`build_recipe` builds a recipe, :func:`write_recipe` writes one.
+* :mod:`support.recipes`: :func:`build_recipe` builds a recipe, :func:`write_recipe` writes
+  one; :func:`parsed`, :func:`only`, :func:`finding_codes` and :func:`report_codes` read
+  the recipe doctor's findings.
 * :mod:`support.runner`: :func:`run_command` runs ``mergekit-nan`` or a stock
-  command in this process and returns a :class:`subprocess.CompletedProcess`;
+  command in this process and returns a :class:`subprocess.CompletedProcess`
+  (:func:`run_merge` and :func:`run_mergekit_yaml` are its two common calls);
   :func:`start_child` runs one in a real (forked) process.
-* :mod:`support.checkpoints`: the tensors of a checkpoint directory.
+* :mod:`support.checkpoints`: the tensors of a checkpoint directory, LoRA adapters.
 * :mod:`support.pages`: the code blocks of the docs and the benchmark scripts they run.
 
 Fixtures live in ``conftest.py``; test modules import helpers from here, never
@@ -76,6 +79,7 @@ __all__ = [
     "benchmark_folder",
     "benchmark_script",
     "blocks",
+    "build_recipe",
     "command",
     "commands",
     "documented_arguments",
@@ -87,7 +91,6 @@ __all__ = [
     "nan_weights",
     "only",
     "parsed",
-    "build_recipe",
     "relative_error",
     "report",
     "report_codes",
@@ -98,9 +101,9 @@ __all__ = [
     "snapshot",
     "start_child",
     "stored_shapes",
+    "task_vector_norm",
     "tensor_nbytes",
     "tensors_of",
-    "task_vector_norm",
     "wait_for",
     "weighted_recipe",
     "write_lora_adapter",
