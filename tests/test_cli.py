@@ -66,7 +66,7 @@ MEMORY_PROBE = r"""
 import json, resource, sys
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
-from mergekit_nan.commands.inspect import inspect_recipe
+from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
 
 def peak_kib():
     with open("/proc/self/status") as f:

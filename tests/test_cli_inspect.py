@@ -27,7 +27,7 @@ from support import (
     write_recipe,
 )
 
-from mergekit_nan.commands.freeze import _setting
+from mergekit_nan.commands.inspection.freeze import _setting
 
 LAYERS = 2
 NON_LAYER = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")

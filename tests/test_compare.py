@@ -19,7 +19,7 @@ import torch
 import yaml
 from support import build_recipe, load_model_tensors, run_command, run_mergekit_yaml, write_recipe
 
-from mergekit_nan.commands import compare_score
+from mergekit_nan.commands.compare import score as compare_score
 from mergekit_nan.doctor.heldout import DataError, load_documents
 from mergekit_nan.evaluation import DocumentLosses
 

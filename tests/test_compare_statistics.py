@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mergekit_nan.commands.compare_candidates import Candidate
-from mergekit_nan.commands.compare_summary import regime_reading
+from mergekit_nan.commands.compare.candidates import Candidate
+from mergekit_nan.commands.compare.summary import regime_reading
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 
 

@@ -27,7 +27,7 @@ from support import (
     write_recipe,
 )
 
-from mergekit_nan.commands.card import FROZEN_FILE
+from mergekit_nan.commands.merge.card import FROZEN_FILE
 
 LAYERS = 2
 

@@ -25,7 +25,7 @@ from support import (
     write_recipe,
 )
 
-from mergekit_nan.commands.card import FROZEN_FILE
+from mergekit_nan.commands.merge.card import FROZEN_FILE
 from mergekit_nan.commands.tiny import write_model
 from mergekit_nan.errors import RecipeError
 from mergekit_nan.granularity import recipe_granularity, resolve_granularity
@@ -215,7 +215,7 @@ def adapter_task(method: str, **parameters):
 
 
 def test_measurement_follows_mergekits_adapter():
-    from mergekit_nan.commands.inspect import _CoefficientTask
+    from mergekit_nan.commands.inspection.coefficient_pass import _CoefficientTask
     from mergekit_nan.measure import measuring
 
     merge, (base, a, b) = adapter_task("nan", **{"lambda": 1.0})
@@ -242,7 +242,7 @@ def test_measurement_follows_mergekits_adapter():
 
 
 def test_measurement_of_a_composite_with_only_the_base_is_none():
-    from mergekit_nan.commands.inspect import _CoefficientTask
+    from mergekit_nan.commands.inspection.coefficient_pass import _CoefficientTask
 
     merge, (base, a, b) = adapter_task("ties+nan")
     task = _CoefficientTask(merge=merge)

@@ -27,8 +27,8 @@ from support import (
     write_recipe,
 )
 
-from mergekit_nan.commands.options import STOCK_ONLY
-from mergekit_nan.commands.output import leftovers
+from mergekit_nan.commands.common.options import STOCK_ONLY
+from mergekit_nan.commands.common.output import leftovers
 
 
 def stock_recipe(family: List[Path], method: str, **parameters) -> Dict:
@@ -96,7 +96,7 @@ def test_stock_writing_options_carry_over(family, tmp_path):
 def test_the_stock_only_options_are_mergekits_own():
     from mergekit.options import MergeOptions
 
-    from mergekit_nan.commands.merge_command import merge_command
+    from mergekit_nan.commands.merge.command import merge_command
 
     fields = MergeOptions.model_fields
     given = {parameter.name: parameter for parameter in merge_command.params}

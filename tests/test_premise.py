@@ -117,8 +117,8 @@ def test_the_card_records_the_norms_and_every_option_to_reproduce(family, tmp_pa
 
 def test_multi_gpu_reaches_mergekit_for_merge_and_inspect(family, tmp_path, monkeypatch):
     """The flag is mergekit's own option; the executor itself is exercised on GPUs (test_cuda)."""
-    import mergekit_nan.commands.inspect as inspect_module
-    import mergekit_nan.commands.merge as merge_module
+    import mergekit_nan.commands.inspection.coefficient_pass as inspect_module
+    import mergekit_nan.commands.merge.run as merge_module
 
     seen = {}
 

@@ -28,7 +28,7 @@ from support import (
     write_recipe,
 )
 
-from mergekit_nan.commands.output import PARTIAL, leftovers
+from mergekit_nan.commands.common.output import PARTIAL, leftovers
 
 SHARD = "20K"
 """Output shard size (parameters): the tiny model is written in several shards."""

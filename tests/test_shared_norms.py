@@ -20,9 +20,9 @@ from mergekit.options import MergeOptions
 from support import family_recipe, load_model_tensors
 
 from mergekit_nan import weighting
-from mergekit_nan.commands.compare_candidates import norm_group
-from mergekit_nan.commands.inspect import inspect_recipe
-from mergekit_nan.commands.merge import merge_recipe
+from mergekit_nan.commands.compare.candidates import norm_group
+from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
+from mergekit_nan.commands.merge.run import merge_recipe
 from mergekit_nan.shared_norms import NormTable, sharing
 
 OPTIONS = MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True)
