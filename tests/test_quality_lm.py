@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Iterator
 
 import pytest
-from test_benchmarks import benchmark_folder, documented_arguments
+from support import benchmark_folder, documented_arguments
 
 EXPERIMENTS = ("three-domain", "one-domain")
 REGIMES = ("epochs", "steps")
