@@ -9,7 +9,8 @@ unwrapped, so the user reads the plugin's message and nothing else.
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from dataclasses import replace
+from typing import Optional, Tuple
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import AfterValidator
@@ -26,6 +27,7 @@ __all__ = [
     "Granularity",
     "NanNorm",
     "finite_float",
+    "optional",
     "stock_granularity_error",
 ]
 
@@ -53,6 +55,11 @@ def finite_float(name: str, *, non_negative: bool = False):
         return value
 
     return Annotated[float, AfterValidator(check)]
+
+
+def optional(spec: ParameterSpec) -> ParameterSpec:
+    """``spec`` with None allowed and the default: a value the recipe may leave out."""
+    return replace(spec, value_type=Optional[spec.value_type], default=None)
 
 
 NAN_EXPONENT = ParameterSpec(

@@ -333,6 +333,88 @@ def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_pa
     assert yaml.safe_load(saved.read_text()) == data
 
 
+@pytest.fixture(scope="module")
+def inspected_both(family, adapters, tmp_path_factory):
+    """``inspect(recipe)``: the adapter path's inspection and the full-model one over
+    ``base+adapter`` models (mergekit merges the adapters into a shared cache)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_nan.commands.adapters.coefficients import (
+        adapter_inspection,
+        base_adapter_config,
+    )
+    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
+    from mergekit_nan.doctor.adapters import adapter_recipe as read_adapter_recipe
+
+    options = MergeOptions(lora_merge_cache=str(tmp_path_factory.mktemp("lora")), quiet=True)
+
+    def inspect(recipe: dict):
+        config = MergeConfiguration.model_validate(recipe)
+        adapters_read = read_adapter_recipe(config)
+        own = adapter_inspection(config, adapters_read, "tensor")
+        full = inspect_recipe(base_adapter_config(config, adapters_read), options=options)
+        return own, {row.name: row for row in full.tensors}
+
+    return inspect
+
+
+def test_one_coefficient_rule_for_adapters_and_full_models(
+    family, adapters, inspected_both, monkeypatch
+):
+    """Swap the core's rule for alpha_i ~ ||x_i|| (not its inverse): the adapter path
+    follows as the full-model inspection does, so it has no rule of its own."""
+    from mergekit_nan import weighting
+
+    rule = weighting.coefficients_from_norms
+
+    def proportional(norms, *, exponent=1.0, prior=None):
+        return rule(norms, exponent=-exponent, prior=prior)
+
+    monkeypatch.setattr(weighting, "coefficients_from_norms", proportional)
+    recipe = build_recipe(adapters, "task_arithmetic+nan", base=family[0], weights=[1.0, 0.5, 0.5])
+    own, full = inspected_both(recipe)
+    assert own.tensors
+    for row in own.tensors:
+        # The adapter path reads in float64, the full-model one in float32.
+        for found, precision in ((row, 1e-12), (full[row.name], 1e-6)):
+            total = math.fsum(found.norms)
+            want = [2 * n / total for n in found.norms]
+            assert found.weights == pytest.approx(want, rel=precision)
+        assert row.weights == pytest.approx(full[row.name].weights, rel=1e-4, abs=1e-9)
+
+
+def test_adapter_parameters_resolve_as_for_full_models(family, adapters, inspected_both):
+    """A per-model filter that misses a tensor falls through to the top-level value, as
+    mergekit's planner resolves it; bad values get the specs' own messages."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_nan.commands.adapters.coefficients import adapter_updates
+    from mergekit_nan.doctor.adapters import adapter_recipe as read_adapter_recipe
+    from mergekit_nan.errors import RecipeError
+    from mergekit_nan.method import NanMerge
+
+    recipe = build_recipe(
+        adapters, "nan", base=family[0], parameters={"weight": 3.0}, weights=[1.0, 1.0, 1.0]
+    )
+    recipe["models"][0]["parameters"] = {"weight": [{"filter": "q_proj", "value": 2.0}]}
+    own, full = inspected_both(recipe)
+    for row in own.tensors:
+        prior = 2.0 if "q_proj" in row.name else 3.0
+        inverse = [w / n if n > 0 else 0.0 for w, n in zip((prior, 1.0, 1.0), row.norms)]
+        assert row.shares == pytest.approx([v / sum(inverse) for v in inverse], rel=1e-12)
+        assert row.shares == pytest.approx(full[row.name].shares, rel=1e-4, abs=1e-9)
+
+    spec = next(p for p in NanMerge.spec.parameters if p.name == "weight")
+    with pytest.raises(RecipeError) as refused:
+        spec.validate(-1.0)
+    recipe = build_recipe(adapters, "nan", base=family[0], weights=[1.0, -1.0, 1.0])
+    config = MergeConfiguration.model_validate(recipe)
+    with pytest.raises(RecipeError) as raised:
+        adapter_updates(config, read_adapter_recipe(config), "tensor")
+    assert raised.value.message == refused.value.message
+
+
 def test_check_reads_adapter_recipes(family, adapters, tmp_path):
     path = write_recipe(tmp_path / "recipe.yml", build_recipe(adapters, base=family[0]))
     result = run_command("mergekit-nan", "check", str(path))
