@@ -158,11 +158,11 @@ def test_ctrl_c_reaches_the_merge_when_the_test_run_itself_ignores_sigint(tmp_pa
     """The interrupt test, in a test run started with SIGINT ignored.
 
     A background job of a script (or a CI runner) starts with SIGINT ignored;
-    the fork server behind :func:`stock.start_child` then handed its children
+    the fork server behind :func:`support.start_child` then handed its children
     SIG_IGN, and the merge never saw the interrupt. This run needs an
     interpreter of its own: the disposition a process starts with is the point.
     """
-    test = f"{Path(__file__).name}::test_an_interrupted_merge_says_one_line_and_exits_130"
+    test = f"{Path(__file__).name}::test_a_stopped_merge_says_one_line_and_leaves_the_earlier_model[interrupted]"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
         cwd=Path(__file__).parent,
