@@ -222,7 +222,9 @@ def test_a_stock_merge_equals_float64(methods: ModuleType, tmp_path: Path, monke
         expected = sum(w / sum(inverse) * v[name] for w, v in zip(inverse, vectors))
         assert torch.allclose(merged[name], expected, atol=1e-6, rtol=1e-5)
 
-    merged = merger.merge(merges.Recipe("ties+nan", None, 0.5), base_path, paths, tmp_path / "w2", 0)
+    merged = merger.merge(
+        merges.Recipe("ties+nan", None, 0.5), base_path, paths, tmp_path / "w2", 0
+    )
     for name in base:
         inverse = [1 / float(v[name].norm()) for v in vectors]
         weights = [w / sum(inverse) for w in inverse]
@@ -230,7 +232,9 @@ def test_a_stock_merge_equals_float64(methods: ModuleType, tmp_path: Path, monke
         for v in vectors:
             keep = max(1, int(round(0.5 * v[name].numel())))
             threshold = v[name].abs().flatten().kthvalue(v[name].numel() - keep + 1).values
-            trimmed.append(torch.where(v[name].abs() >= threshold, v[name], torch.zeros_like(v[name])))
+            trimmed.append(
+                torch.where(v[name].abs() >= threshold, v[name], torch.zeros_like(v[name]))
+            )
         sign = torch.sign(sum(w * t for w, t in zip(weights, trimmed)))
         agree = [(torch.sign(t) == sign) & (t != 0) for t in trimmed]
         numerator = sum(w * t * a for w, t, a in zip(weights, trimmed, agree))
