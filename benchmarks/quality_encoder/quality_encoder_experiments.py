@@ -2,10 +2,11 @@
 
 For each seed, every task gets a training volume from the ladder ``unit x (1, 4, 16, 4)``
 rotated by the seed, and a seed-shuffled subset of its training split of that size. The
-linear probe of each task is trained on it once; then, in each regime, one expert per task
-is fine-tuned and the four backbones are merged by every method of :data:`METHODS`. Each
-method's ``lambda`` is chosen on the validation split (mean accuracy over the tasks, each
-with its own head) and the test split is scored at that ``lambda``.
+linear probe of each task is trained on it once (the baseline); then, in each regime, one
+expert per task (backbone and head) is fine-tuned and the four backbones are merged by every
+method of :data:`METHODS`. Each method's ``lambda`` is chosen on the validation split (mean
+accuracy over the tasks, each with its expert's head) and the test split is scored at that
+``lambda``.
 
 Regimes: ``epochs``: every expert makes ``Settings.epochs`` passes over its data, so steps
 grow with the volume; ``steps``: every expert makes the steps of the 4-unit expert of the
@@ -73,9 +74,9 @@ class Settings:
 
 SIZES = {
     "tiny": Settings(16, 2, 40, 2, 4, 1.0, 1e-4, 4, 6, (1.0, 2.0), False, 0.2, 1, layers=1),
-    "small": Settings(48, 6, 150, 8, 16, 8.0, 2e-4, 24, 48, (0.5, 1.0, 2.0, 4.0), False, 0.2, 1),
+    "small": Settings(48, 6, 150, 8, 16, 8.0, 1e-4, 24, 48, (0.5, 1.0, 2.0, 4.0), False, 0.2, 1),
     "full": Settings(
-        48, 6, 150, 32, 16, 8.0, 2e-4, 48, 160, (0.5, 1.0, 2.0, 4.0, 8.0), True, 0.2, 3
+        48, 6, 150, 32, 16, 8.0, 1e-4, 48, 160, (0.5, 1.0, 2.0, 4.0, 8.0), True, 0.2, 3
     ),
 }
 
@@ -136,17 +137,22 @@ class Run:
         for regime in regimes:
             for pool, value in zip(self.pools, probe):
                 record.accuracy[(regime, seed, "probe", pool.task.name, "test")] = value
-            self._regime(regime, seed, vols, trains, heads)
+            self._regime(regime, seed, vols, trains)
 
-    def _regime(self, regime: str, seed: int, vols, trains, heads) -> None:
+    def _regime(self, regime: str, seed: int, vols, trains) -> None:
         s, record, encoder = self.settings, self.record, self.encoder
         folder = self.work / f"seed{seed}-{regime}"
         paths, states = [], []
         started = time.perf_counter()
-        for index, (pool, train, head) in enumerate(zip(self.pools, trains, heads)):
+        heads = []
+        for index, (pool, train) in enumerate(zip(self.pools, trains)):
             steps = steps_of(s, regime, vols[index])
-            state = encoder.fine_tune(head, train, steps, s.batch, s.lr, 100 * seed + index)
+            classes = len(pool.task.classes)
+            state, head = encoder.fine_tune(
+                classes, train, steps, s.batch, s.lr, 100 * seed + index
+            )
             states.append(state)
+            heads.append(head)
             paths.append(merges.save(state, folder / f"{pool.task.name}.safetensors", FROZEN))
             encoder.load(state)
             name = pool.task.name

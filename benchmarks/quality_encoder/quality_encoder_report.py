@@ -254,7 +254,12 @@ def from_json(payloads: Sequence[Dict[str, object]]) -> Tuple[Record, List[str],
     header = None
     for payload in payloads:
         tasks = list(payload["tasks"])
-        header = header or dict(payload["header"])
+        if header is None:
+            header = dict(payload["header"])
+        else:  # one header for the joined runs: their seeds, wall times and merges add up
+            for key in ("seeds", "wall_s", "merges"):
+                header[key] += payload["header"][key]
+            header["settings"] = {**header["settings"], "seeds": header["seeds"]}
         for row in payload["accuracy"]:
             key = (row["regime"], row["seed"], row["model"], row["task"], row["split"])
             record.accuracy[key] = row["value"]
