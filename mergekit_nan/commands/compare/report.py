@@ -8,7 +8,9 @@ The JSON (:func:`to_json`) has ``baseline`` (a label) and ``candidates``, each
 FILE as given on the command line, then ``pick`` (the candidate the verdict is
 about, how it was chosen, its differences and, for a half-split pick, the
 selection half of each file as positions among the file's scored documents),
-``winner``, ``regime``, ``notes``, ``seed`` and ``bootstrap``.
+``winner`` (the candidate to use: the pick only when it beats the baseline on
+the documents that did not choose it, else the baseline), ``decision``
+(``measure`` and ``reason``: the last line of the output), ``regime``, ``notes``, ``seed`` and ``bootstrap``.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def _sentence(name: str, baseline: str, where: str, difference: Difference) -> s
 
 
 def verdict_lines(summary: Summary) -> List[str]:
-    """One line per file and one overall, in words; then the pick's method and the regime."""
+    """The pick's method, one line per file and one overall, in words; the regime; and last,
+    which model to use and why."""
     chosen = summary.pick
     name = summary.candidates[chosen.index].label
     baseline = summary.candidates[summary.baseline].label
@@ -99,7 +102,7 @@ def verdict_lines(summary: Summary) -> List[str]:
         )
         if chosen.index == summary.baseline:
             lines.append(f"No merge beat {baseline} on the selection half.")
-            return lines + ([summary.regime] if summary.regime else [])
+            return lines + ([summary.regime] if summary.regime else []) + [_decision(summary)]
     files = summary.prepared.files
     for held_out, difference in zip(files, chosen.files):
         lines.append(_sentence(name, baseline, f"on {held_out.name}", difference))
@@ -107,7 +110,11 @@ def verdict_lines(summary: Summary) -> List[str]:
         lines.append(_sentence(name, baseline, "overall", chosen.overall))
     if summary.regime:
         lines.append(summary.regime)
-    return lines
+    return lines + [_decision(summary)]
+
+
+def _decision(summary: Summary) -> str:
+    return summary.decision.reason
 
 
 def _score_json(score: Score, tokens: int, documents: int, skipped: int) -> Dict[str, Any]:
@@ -169,6 +176,7 @@ def to_json(summary: Summary) -> Dict[str, Any]:
         "candidates": candidates,
         "pick": pick,
         "winner": summary.candidates[summary.winner].label,
+        "decision": {"measure": summary.decision.measure, "reason": summary.decision.reason},
         "regime": summary.regime,
         "notes": notes,
         "tokenizer": summary.prepared.tokenizer_model,

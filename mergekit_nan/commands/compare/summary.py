@@ -21,7 +21,16 @@ from mergekit_nan.commands.compare.settings import Prepared
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 from mergekit_nan.parameters import NAN_EXPONENT
 
-__all__ = ["Difference", "Pick", "Score", "Summary", "regime_reading", "summarize"]
+__all__ = [
+    "Decision",
+    "Difference",
+    "Pick",
+    "Score",
+    "Summary",
+    "decide",
+    "regime_reading",
+    "summarize",
+]
 
 _BOOTSTRAP, _SPLIT, _REPORT = 0, 1, 2
 
@@ -41,19 +50,25 @@ class Score:
 
 @dataclass(frozen=True)
 class Difference:
-    """Candidate minus baseline (nats/token; negative: the candidate is better), 95 % interval."""
+    """Candidate minus baseline, with its 95 % interval.
+
+    In nats/token a negative difference is better; in a task metric whose
+    ``higher_is_better`` (accuracy), a positive one.
+    """
 
     diff: float
     low: float
     high: float
+    higher_is_better: bool = False
 
     @property
     def verdict(self) -> str:
         """``better``, ``worse`` or ``unclear`` (the interval holds 0)."""
+        below, above = ("worse", "better") if self.higher_is_better else ("better", "worse")
         if self.high < 0:
-            return "better"
+            return below
         if self.low > 0:
-            return "worse"
+            return above
         return "unclear"
 
 
@@ -74,6 +89,47 @@ class Pick:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """Which model to use, and why: the last line of the output.
+
+    ``winner`` is the pick when it clearly beats the baseline on the documents
+    that did not choose it (all documents when nothing was chosen among
+    several), else the baseline. ``measure`` names what decided ("held-out
+    loss", or a task's name and metric).
+    """
+
+    winner: int
+    measure: str
+    reason: str
+
+
+def decide(
+    candidates: Sequence[Candidate], baseline: int, pick: Pick, measure: str, unit: str
+) -> Decision:
+    """The :class:`Decision` for ``pick``, in ``measure`` (e.g. "held-out loss") and ``unit``."""
+    name = candidates[pick.index].label
+    base = candidates[baseline].label
+    found = pick.overall
+    gain = abs(found.diff)
+    span = f"{found.diff:+.4f} {unit}, {found.low:+.4f} to {found.high:+.4f}"
+    if pick.index == baseline:
+        reason = f"Use {base}: no merge beat it in {measure} on the selection half."
+        return Decision(baseline, measure, reason)
+    if found.verdict == "better":
+        where = " on the half of the documents that did not choose it" if pick.split else ""
+        reason = f"Use {name}: it beats {base} in {measure}{where} by {gain:.4f} {unit} ({span})."
+        return Decision(pick.index, measure, reason)
+    if pick.split:
+        reason = (
+            f"Use {base}: {name}, the best merge on one half of the documents, does not beat "
+            f"it in {measure} on the other half ({span})."
+        )
+    else:
+        reason = f"Use {base}: {name} does not clearly beat it in {measure} ({span})."
+    return Decision(baseline, measure, reason)
+
+
+@dataclass(frozen=True)
 class Summary:
     """Every number of the comparison; ``[candidate][file]`` where indexed twice."""
 
@@ -85,8 +141,13 @@ class Summary:
     differences: Tuple[Tuple[Difference, ...], ...]
     overall_differences: Tuple[Difference, ...]
     pick: Pick
-    winner: int
+    decision: Decision
     regime: Optional[str]
+
+    @property
+    def winner(self) -> int:
+        """The candidate to use (the pick only when it beats the baseline where it was not chosen)."""
+        return self.decision.winner
 
     @property
     def candidates(self) -> Tuple[Candidate, ...]:
@@ -224,13 +285,11 @@ def summarize(
         whole = _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
         selection = tuple(tuple(int(i) for i in h[0]) for h in halves)
         found = Pick(chosen, True, tuple(per_file), whole, selection)
-        winner = chosen
     else:
         recipe = 0
         found = Pick(
             recipe, False, tuple(d[recipe] for d in differences), overall_differences[recipe]
         )
-        winner = min(merged, key=lambda i: (float(pooled[i]), i))
     return Summary(
         prepared,
         seed,
@@ -240,6 +299,6 @@ def summarize(
         tuple(tuple(row[c] for row in differences) for c in range(len(candidates))),
         overall_differences,
         found,
-        winner,
+        decide(candidates, base, found, "held-out loss", "nats/token"),
         regime_reading(candidates, base, pooled_draws, pooled),
     )
