@@ -11,8 +11,8 @@ file (a stratified bootstrap).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -22,20 +22,26 @@ from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, 
 from mergekit_nan.parameters import NAN_EXPONENT
 
 __all__ = [
+    "BOOTSTRAP_STREAM",
+    "REPORT_STREAM",
+    "SPLIT_STREAM",
     "Decision",
     "Difference",
     "Pick",
     "Score",
     "Summary",
     "decide",
+    "random_stream",
     "regime_reading",
     "summarize",
 ]
 
-_BOOTSTRAP, _SPLIT, _REPORT = 0, 1, 2
+BOOTSTRAP_STREAM, SPLIT_STREAM, REPORT_STREAM = 0, 1, 2
+"""The random streams: the bootstrap, the half split, the bootstrap of the report halves."""
 
 
-def _generator(seed: int, stream: int, file_index: int) -> torch.Generator:
+def random_stream(seed: int, stream: int, file_index: int) -> torch.Generator:
+    """The generator of ``stream`` for file ``file_index`` under ``seed``."""
     return torch.Generator().manual_seed((seed * 7 + stream) * 100_003 + file_index)
 
 
@@ -131,7 +137,12 @@ def decide(
 
 @dataclass(frozen=True)
 class Summary:
-    """Every number of the comparison; ``[candidate][file]`` where indexed twice."""
+    """Every number of the comparison; ``[candidate][file]`` where indexed twice.
+
+    Without ``--data`` the file statistics are empty and ``pick`` is None;
+    ``tasks`` holds a :class:`~mergekit_nan.commands.compare.task_summary.TaskResult`
+    per task, ``groups`` each group's lm-eval aggregates per candidate.
+    """
 
     prepared: Prepared
     settings_seed: int
@@ -140,9 +151,11 @@ class Summary:
     overall: Tuple[Score, ...]
     differences: Tuple[Tuple[Difference, ...], ...]
     overall_differences: Tuple[Difference, ...]
-    pick: Pick
+    pick: Optional[Pick]
     decision: Decision
     regime: Optional[str]
+    tasks: Tuple[Any, ...] = ()
+    groups: Dict[str, Tuple[Dict[str, float], ...]] = field(default_factory=dict)
 
     @property
     def winner(self) -> int:
@@ -183,7 +196,13 @@ def _exponent(candidate: Candidate) -> Optional[float]:
 
 
 def regime_reading(
-    candidates: Sequence[Candidate], baseline: int, draws: torch.Tensor, losses: torch.Tensor
+    candidates: Sequence[Candidate],
+    baseline: int,
+    draws: torch.Tensor,
+    losses: torch.Tensor,
+    *,
+    unit: str = "nats/token",
+    sign: float = 1.0,
 ) -> Optional[str]:
     """What the exponent sweep says about NAN's premise (None without exponents of both signs).
 
@@ -192,7 +211,9 @@ def regime_reading(
     highest (NAN's 1), with the baseline's equal weights (exponent 0) between
     them: when the baseline clearly beats both, the update sizes say nothing
     about which model to trust, whichever of the two loses less; else the one
-    that clearly beats the other names the regime.
+    that clearly beats the other names the regime. A metric where higher is
+    better comes negated (lower is better here) with ``sign`` -1: differences
+    are shown in the metric's own direction, in ``unit``.
     """
     exponents = [(e, i) for i, c in enumerate(candidates) if (e := _exponent(c)) is not None]
     if not any(e < 0 for e, _ in exponents) or not any(e > 0 for e, _ in exponents):
@@ -200,9 +221,10 @@ def regime_reading(
     low_e, low = min(exponents)
     high_e, high = max(exponents)
     found = _difference(draws[low] - draws[high], float(losses[low] - losses[high]))
+    shown = sorted((sign * found.low + 0.0, sign * found.high + 0.0))
     between = (
-        f"nan_exponent {low_e:g} against {high_e:g}: {found.diff:+.4f} nats/token "
-        f"({found.low:+.4f} to {found.high:+.4f})"
+        f"nan_exponent {low_e:g} against {high_e:g}: {sign * found.diff + 0.0:+.4f} {unit} "
+        f"({shown[0]:+.4f} to {shown[1]:+.4f})"
     )
     behind = [
         _difference(draws[i] - draws[baseline], float(losses[i] - losses[baseline]))
@@ -212,7 +234,7 @@ def regime_reading(
         return (
             f"The exponent sweep finds neither regime: {candidates[baseline].label} beats "
             f"nan_exponent {high_e:g} by {behind[0].diff:.4f} and {low_e:g} by "
-            f"{behind[1].diff:.4f} nats/token (both clear), so the update sizes do not tell "
+            f"{behind[1].diff:.4f} {unit} (both clear), so the update sizes do not tell "
             f"which model to trust here; {between}."
         )
     if found.verdict == "better":
@@ -231,10 +253,15 @@ def summarize(
     """Every statistic of the module docstring, for ``losses[candidate][file]``."""
     candidates = prepared.candidates.candidates
     base = prepared.candidates.baseline
+    if not prepared.files:
+        empty = ((),) * len(candidates)
+        return Summary(
+            prepared, seed, resamples, empty, (), empty, (), None, Decision(base, "", ""), None
+        )
     files = range(len(prepared.files))
     stacked = [_stacked(losses, f) for f in files]
     drawn = [
-        resampled_sums(s, resamples, _generator(seed, _BOOTSTRAP, f))
+        resampled_sums(s, resamples, random_stream(seed, BOOTSTRAP_STREAM, f))
         for s, f in zip(stacked, files)
     ]
     scores, differences = [], []
@@ -262,13 +289,13 @@ def summarize(
     merged = [i for i, c in enumerate(candidates) if c.merged]
     if len(merged) > 2:
         halves = [
-            half_split(s.tokens.numel(), _generator(seed, _SPLIT, f))
+            half_split(s.tokens.numel(), random_stream(seed, SPLIT_STREAM, f))
             for s, f in zip(stacked, files)
         ]
         chosen = pick([s.subset(h[0]) for s, h in zip(stacked, halves)], merged)
         reported = [s.subset(h[1]) for s, h in zip(stacked, halves)]
         report_draws = [
-            resampled_sums(r, resamples, _generator(seed, _REPORT, f))
+            resampled_sums(r, resamples, random_stream(seed, REPORT_STREAM, f))
             for r, f in zip(reported, files)
         ]
         per_file = []
