@@ -122,7 +122,7 @@ def test_the_pick_wins_only_if_it_beats_the_baseline_on_the_other_half(other_hal
             "Use uniform: nan exponent=-1, the best merge on one half of the documents"
         )
         assert (
-            f"does not beat it in held-out loss on the other half ({expected:+.4f} nats/token"
+            f"is worse than it in held-out loss on the other half ({expected:+.4f} nats/token"
             in last
         )
     else:

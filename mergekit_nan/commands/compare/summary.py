@@ -125,13 +125,14 @@ def decide(
         where = " on the half of the documents that did not choose it" if pick.split else ""
         reason = f"Use {name}: it beats {base} in {measure}{where} by {gain:.4f} {unit} ({span})."
         return Decision(pick.index, measure, reason)
+    verdict = "is worse than it" if found.verdict == "worse" else "does not clearly beat it"
     if pick.split:
         reason = (
-            f"Use {base}: {name}, the best merge on one half of the documents, does not beat "
-            f"it in {measure} on the other half ({span})."
+            f"Use {base}: {name}, the best merge on one half of the documents, {verdict} in "
+            f"{measure} on the other half ({span})."
         )
     else:
-        reason = f"Use {base}: {name} does not clearly beat it in {measure} ({span})."
+        reason = f"Use {base}: {name} {verdict} in {measure} ({span})."
     return Decision(baseline, measure, reason)
 
 
