@@ -325,3 +325,26 @@ def test_without_lm_eval_the_error_names_the_extra(family, workspace, tmp_path, 
     error = _bad(tmp_path, ["--task", str(workspace / "mc.yaml")], "pip install 'mergekit-nan[tasks]'",
                  family_recipe(family))  # fmt: skip
     assert "lm-evaluation-harness" in error
+
+
+def test_a_group_plans_each_subtask_and_scores_its_aggregate(family, workspace, tmp_path):
+    """A group's subtasks are each a task; lm-eval's group aggregate is the size-weighted mean."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mergekit_nan.commands.compare.tasks import TaskSettings, plan_tasks, score_tasks
+
+    for name in ("tiny_a", "tiny_b"):
+        (tmp_path / f"{name}.yaml").write_text(_task_yaml(name, workspace / "mc.jsonl", MC_BODY))
+    (tmp_path / "group.yaml").write_text(
+        "group: tiny_group\ntask: [tiny_a, tiny_b]\naggregate_metric_list:\n"
+        "  - metric: acc\n    aggregation: mean\n    weight_by_size: true\n"
+    )
+    settings = TaskSettings(("tiny_group",), include_path=str(tmp_path), limit=6)
+    plan = plan_tasks(settings, seed=1)
+    assert [t.name for t in plan.tasks] == ["tiny_a", "tiny_b"] and plan.groups == ("tiny_group",)
+    assert all(t.group == "tiny_group" and len(t.documents) == 6 for t in plan.tasks)
+    model = AutoModelForCausalLM.from_pretrained(family[2], dtype=torch.float32).eval()
+    scores = score_tasks(model, AutoTokenizer.from_pretrained(family[0]), plan, quiet=True)
+    assert scores.aggregates[0]["acc"] == pytest.approx(float(scores.values[0].mean()))
+    pooled = float(torch.cat(scores.values).mean())
+    assert scores.groups["tiny_group"]["acc"] == pytest.approx(pooled)
