@@ -311,6 +311,9 @@ def test_bad_tasks_are_one_error_before_any_merge(family, workspace, tmp_path):
     error = _bad(tmp_path, ["--task", task, "--metric", "f1"], "--metric f1: task tiny_mc", recipe)
     assert "acc, acc_norm" in error
     _bad(tmp_path, [], "give held-out text (--data FILE), a benchmark task (--task NAME)", recipe)
+    (tmp_path / "a.txt").write_text("w3 w4 w5\n")
+    args = ["--data", "a.txt", "--limit", "5"]
+    _bad(tmp_path, args, "--limit applies to --task, which is not given", recipe)
 
 
 def test_an_unknown_task_names_the_nearest_lm_eval_knows(family, workspace, tmp_path):

@@ -69,6 +69,17 @@ def _takes_lambda(method_name: str) -> bool:
     return any(p.name == "lambda" for p in method.spec.parameters)
 
 
+def _task_only(tasks: TaskSettings) -> Tuple[Tuple[str, object], ...]:
+    return (
+        ("--include-path", tasks.include_path),
+        ("--limit", tasks.limit),
+        ("--num-fewshot", tasks.num_fewshot is not None),
+        ("--apply-chat-template", tasks.apply_chat_template),
+        ("--gen-kwargs", tasks.gen_kwargs),
+        ("--metric", tasks.metric),
+    )
+
+
 def plan_comparison(
     config_file: str,
     data: Sequence[str],
@@ -84,6 +95,10 @@ def plan_comparison(
         raise ValueError(
             "give held-out text (--data FILE), a benchmark task (--task NAME), or both"
         )
+    if not tasks.names:
+        given = [name for name, value in _task_only(tasks) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --task, which is not given")
     check_distinct(data)
     granularities = parse_values("--granularity", sweeps.granularities, str)
     for value in granularities:
