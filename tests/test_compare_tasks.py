@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 from typing import Dict, List
@@ -351,3 +352,21 @@ def test_a_group_plans_each_subtask_and_scores_its_aggregate(family, workspace, 
     assert scores.aggregates[0]["acc"] == pytest.approx(float(scores.values[0].mean()))
     pooled = float(torch.cat(scores.values).mean())
     assert scores.groups["tiny_group"]["acc"] == pytest.approx(pooled)
+
+
+def test_compare_without_task_never_imports_lm_eval(workspace, monkeypatch):
+    """lm-eval is imported only for --task: with every lm_eval module made unimportable, a
+    --data run goes through (any import of it would raise ImportError), and a fresh
+    interpreter that imports compare's modules has not imported it."""
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)
+    result = run_command("mergekit-nan", "compare", "recipe.yml", "--data", "a.txt",
+                         "--bootstrap", "20", "-q", cwd=workspace)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sys.modules["lm_eval"] is None
+    modules = ("cli", "compare.run", "compare.score", "compare.task_summary", "compare.report")
+    script = "".join(f"import mergekit_nan.commands.{m}\n" for m in modules)
+    script += "import sys\nprint('lm_eval' in sys.modules)\n"
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.strip() == "False", fresh.stderr
