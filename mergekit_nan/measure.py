@@ -24,9 +24,10 @@ from contextvars import ContextVar
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
-from mergekit.merge_methods.base import BatchOptions, GroupMergeMethod, TensorGroup
+from mergekit.merge_methods.base import GroupMergeMethod, TensorGroup
 from mergekit.merge_methods.dtype import align_dtype, promoted_dtype
 
+from mergekit_nan.mergekit_compat import ResolvedGroups
 from mergekit_nan.weighting import Weighting
 
 __all__ = ["MeasurableMethod", "measuring", "record", "recording"]
@@ -71,7 +72,7 @@ def record(group: TensorGroup, weighting: Weighting) -> None:
             found.append((group.metadata.name, weighting))
 
 
-class MeasurableMethod(GroupMergeMethod):
+class MeasurableMethod(ResolvedGroups, GroupMergeMethod):
     """A group method that can report its coefficients instead of merging."""
 
     def weighting(
@@ -83,19 +84,15 @@ class MeasurableMethod(GroupMergeMethod):
         """
         raise NotImplementedError
 
-    def _execute_resolved(
+    def measured(
         self,
         groups: Sequence[TensorGroup],
         parameters: List[Dict[str, Any]],
-        *,
-        dtype: Optional[torch.dtype] = None,
-        out_dtype: Optional[torch.dtype] = None,
-        batch_options: Optional[BatchOptions] = None,
-    ) -> Tuple[Any, ...]:
+        dtype: Optional[torch.dtype],
+    ) -> Optional[Tuple[Any, ...]]:
+        """Inside :func:`measuring`, each group's weighting instead of the merged tensor."""
         if not _MEASURING.get():
-            return super()._execute_resolved(
-                groups, parameters, dtype=dtype, out_dtype=out_dtype, batch_options=batch_options
-            )
+            return None
         # The dtype the merge would compute in, as GroupMergeMethod aligns it.
         return tuple(
             self.weighting(align_dtype(group, dtype or promoted_dtype(group)), bound, moments=True)

@@ -36,7 +36,7 @@ from mergekit_nan.errors import TensorOverflowError
 from mergekit_nan.measure import MeasurableMethod, record
 from mergekit_nan.norms import plan_norm_pass
 from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, finite_float
-from mergekit_nan.weighting import Weighting, check_scale, group_weighting, uses_base
+from mergekit_nan.weighting import Weighting, check_scale, group_weighting
 from mergekit_nan.worker_pool import run_windows
 
 __all__ = ["NAN_PAPER_URL", "NanMerge", "nan_merge_method", "weighted_sum"]
@@ -142,7 +142,7 @@ class NanMerge(MeasurableMethod):
         prior: PerInputValues[float] = parameters["weight"]
         if group.base is not None:
             dtype = accumulation_dtype(group.base.tensor.dtype)
-            check_scale(group, "lambda", parameters["lambda"], dtype, nonzero=False)
+            check_scale(group.metadata.name, "lambda", parameters["lambda"], dtype, nonzero=False)
         return group_weighting(
             group,
             group.non_base,
@@ -166,12 +166,7 @@ class NanMerge(MeasurableMethod):
         weighting = self.weighting(group, parameters, scratch=result)
         record(group, weighting)
         scale = weighting.scale
-        total = math.fsum(weighting.shares)
-        coefficients = [scale * share / total for share in weighting.shares]
-        if uses_base(group, parameters["nan_norm"]):
-            # A zero task vector adds exactly nothing: tensors no fine-tune
-            # touched come out bit-identical to the base.
-            coefficients = [0.0 if n == 0 else c for n, c in zip(weighting.norms, coefficients)]
+        coefficients = weighting.update_coefficients()
         terms = [(entry.tensor, c) for entry, c in zip(inputs, coefficients) if c != 0]
         if group.base is not None:
             # theta_b + sum c_i (theta_i - theta_b) = (1 - sum c_i) theta_b + sum c_i theta_i

@@ -17,7 +17,6 @@ have norms 1 and 3 gets weights 2 * (3/4, 1/4) = (1.5, 0.5).
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any, Mapping, Optional
 
 import torch
@@ -32,8 +31,9 @@ from mergekit.merge_methods.base import (
 
 from mergekit_nan.errors import TensorError
 from mergekit_nan.measure import MeasurableMethod, record
-from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM
-from mergekit_nan.weighting import Weighting, check_scale, group_weighting
+from mergekit_nan.method import NAN_PAPER_URL
+from mergekit_nan.parameters import NAN_EXPONENT, NAN_GRANULARITY, NAN_NORM, optional
+from mergekit_nan.weighting import Weighting, group_weighting, weight_total
 
 __all__ = ["COMPOSITE_SUFFIX", "NanCoefficients", "nan_coefficients", "takes_weight"]
 
@@ -63,16 +63,13 @@ class NanCoefficients(MeasurableMethod):
         if clashes:
             raise ValueError(f"merge method {inner.spec.name!r} already declares {sorted(clashes)}")
         self.inner = inner
-        parameters = tuple(
-            replace(p, value_type=Optional[p.value_type], default=None) if p.name == "weight" else p
-            for p in inner.spec.parameters
-        )
+        parameters = tuple(optional(p) if p.name == "weight" else p for p in inner.spec.parameters)
         self.spec = MergeMethodSpec(
             name=inner.spec.name + COMPOSITE_SUFFIX,
             parameters=parameters + (NAN_EXPONENT, NAN_NORM, NAN_GRANULARITY),
             contract=inner.spec.contract,
             pretty_name=f"{inner.spec.pretty_name or inner.spec.name} with NAN coefficients",
-            reference_url="https://arxiv.org/abs/2505.16148",
+            reference_url=NAN_PAPER_URL,
             optional_tensor_policy=inner.spec.optional_tensor_policy,
             uses_accelerator=inner.spec.uses_accelerator,
         )
@@ -99,16 +96,12 @@ class NanCoefficients(MeasurableMethod):
         if not inputs:
             return None
         user: PerInputValues[Optional[float]] = parameters["weight"]
-        given = [user[entry.id] for entry in inputs if user[entry.id] is not None]
-        if given and len(given) != len(inputs):
-            missing = [str(e.id) for e in inputs if user[e.id] is None]
-            raise TensorError(
-                f"{self.spec.name}: tensor {group.metadata.name!r} has a weight for "
-                f"some models but not for {', '.join(missing)}; give every model a "
-                "weight (it sets the total) or none"
-            )
-        total = sum(given) if given else 1.0
-        check_scale(group, "the weight total", total, inputs[0].tensor.dtype, nonzero=True)
+        total = weight_total(
+            self.spec.name,
+            group.metadata.name,
+            [(entry.id, user[entry.id]) for entry in inputs],
+            inputs[0].tensor.dtype,
+        )
         return group_weighting(
             group,
             inputs,

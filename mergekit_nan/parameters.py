@@ -9,10 +9,12 @@ unwrapped, so the user reads the plugin's message and nothing else.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
+from typing import Optional, Tuple
 
 from mergekit.merge_methods.base import ParameterScope, ParameterSpec
 from pydantic import AfterValidator
-from typing_extensions import Annotated, Literal
+from typing_extensions import Annotated, Literal, get_args
 
 from mergekit_nan.errors import RecipeError
 
@@ -25,11 +27,12 @@ __all__ = [
     "Granularity",
     "NanNorm",
     "finite_float",
+    "optional",
     "stock_granularity_error",
 ]
 
 NanNorm = Literal["auto", "delta", "weights"]
-NAN_NORMS = ("auto", "delta", "weights")
+NAN_NORMS: Tuple[str, ...] = get_args(NanNorm)
 """``auto``: task vectors when the merge has a base, else the tensors themselves;
 ``delta``: task vectors theta_i - theta_base (needs a base);
 ``weights``: the fine-tuned tensors theta_i themselves."""
@@ -54,6 +57,11 @@ def finite_float(name: str, *, non_negative: bool = False):
     return Annotated[float, AfterValidator(check)]
 
 
+def optional(spec: ParameterSpec) -> ParameterSpec:
+    """``spec`` with None allowed and the default: a value the recipe may leave out."""
+    return replace(spec, value_type=Optional[spec.value_type], default=None)
+
+
 NAN_EXPONENT = ParameterSpec(
     "nan_exponent",
     finite_float("nan_exponent"),
@@ -70,7 +78,7 @@ NAN_NORM = ParameterSpec(
 )
 
 Granularity = Literal["tensor", "layer", "model"]
-NAN_GRANULARITIES = ("tensor", "layer", "model")
+NAN_GRANULARITIES: Tuple[str, ...] = get_args(Granularity)
 """``tensor``: each tensor's own norms; ``layer``: norms pooled over a transformer
 layer; ``model``: norms pooled over the whole model. Only ``tensor`` can be
 computed inside a merge method; the others need ``mergekit-nan merge``."""

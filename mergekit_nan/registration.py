@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Tuple
 
-import mergekit.merge_methods as merge_methods
 import mergekit.merge_methods.registry as registry
 from mergekit.merge_methods import MergeMethod
 
+from mergekit_nan.mergekit_compat import wrap_method_lookup
 from mergekit_nan.method import NanMerge, nan_merge_method
 from mergekit_nan.modifier import COMPOSITE_SUFFIX, NanCoefficients, takes_weight
 
@@ -64,7 +64,6 @@ def _explained_get(get):
 
     get_method.__wrapped__ = get
     get_method.__doc__ = get.__doc__
-    get_method._mergekit_nan = True
     return get_method
 
 
@@ -76,6 +75,4 @@ def register_methods() -> None:
     ):
         if method.spec.name not in registered:
             registry.register(method)
-    if not getattr(registry.get, "_mergekit_nan", False):
-        registry.get = _explained_get(registry.get)
-    merge_methods.get = registry.get
+    wrap_method_lookup(_explained_get)

@@ -1,14 +1,18 @@
-"""NAN coefficients for one mergekit tensor group, with errors that name names.
+"""NAN's reading of one tensor, with errors that name names: the one home of NAN's rule.
 
-The adapters (``nan`` and ``<method>+nan``) and the inspector call
-:func:`group_weighting`;
-it picks x_i per the ``nan_norm`` rule, calls the pure math in
-:mod:`mergekit_nan.coefficients`, and turns its errors into messages that
-name the tensor and the model.
+The merge methods (``nan`` and ``<method>+nan``) and the inspector call
+:func:`group_weighting` on a mergekit tensor group: it picks x_i per the
+``nan_norm`` rule and runs the norm pass. The adapter path, which knows its
+norms from the LoRA factors, calls :func:`norm_weighting` with them, as
+:func:`group_weighting` does with the norms it measured: the formula (the
+pure math in :mod:`mergekit_nan.coefficients`), the priors, the scale, the
+zero-norm rule (:meth:`Weighting.update_coefficients`) and the checks of a
+scale (:func:`check_scale`, :func:`weight_total`) each live here once.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Hashable, Mapping, Optional, Sequence, Tuple
 
@@ -21,7 +25,15 @@ from mergekit_nan.norms import NonFiniteInputError, norms_and_sums
 from mergekit_nan.parameters import NanNorm
 from mergekit_nan.shared_norms import NormTable, active_table
 
-__all__ = ["Weighting", "check_scale", "group_weighting", "uses_base"]
+__all__ = [
+    "Weighting",
+    "check_scale",
+    "group_weighting",
+    "norm_weighting",
+    "uses_base",
+    "weight_total",
+    "without_zero_updates",
+]
 
 
 @dataclass(frozen=True)
@@ -61,23 +73,48 @@ class Weighting:
         shares = coefficients_from_norms(values, exponent=self.exponent, prior=prior)
         return replace(self, norms=tuple(norms), shares=tuple(shares.tolist()))
 
+    def update_coefficients(self, norms: Optional[Sequence[float]] = None) -> Tuple[float, ...]:
+        """``nan``'s multiplier c_i of each model: ``scale * share_i / sum_j share_j``.
 
-def _label(group: TensorGroup) -> str:
-    return repr(group.metadata.name) if group.metadata.name else "(unnamed tensor)"
+        The merge is ``theta_b + sum_i c_i (theta_i - theta_b)`` with a base, else
+        ``sum_i c_i theta_i``. With task vectors (``delta``) a zero x_i gets exactly 0
+        (:func:`without_zero_updates`); ``norms`` are the x_i's own norms when the
+        shares come from pooled ones (default: :attr:`norms`).
+        """
+        total = math.fsum(self.shares)
+        values = [self.scale * share / total for share in self.shares]
+        if not self.delta:
+            return tuple(values)
+        return without_zero_updates(values, self.norms if norms is None else norms)
+
+
+def without_zero_updates(
+    coefficients: Sequence[float], norms: Sequence[float]
+) -> Tuple[float, ...]:
+    """The zero-norm rule for a merged update: a zero task vector adds exactly nothing.
+
+    Tensors no fine-tune touched then come out bit-identical to the base, and a
+    LoRA update that is zero adds no rank.
+    """
+    return tuple(0.0 if norm == 0 else value for norm, value in zip(norms, coefficients))
+
+
+def _label(tensor: Optional[str]) -> str:
+    return repr(tensor) if tensor else "(unnamed tensor)"
 
 
 def check_scale(
-    group: TensorGroup, parameter: str, value: float, dtype: torch.dtype, *, nonzero: bool
+    tensor: Optional[str], parameter: str, value: float, dtype: torch.dtype, *, nonzero: bool
 ) -> None:
     """Refuse a scale (``lambda``, a weight total) beyond ``dtype``'s range, or zero if ``nonzero``.
 
     A zero weight total would silently give every model weight 0 (and make a
     normalising method divide by zero); a value above the dtype's range would
-    turn the merged tensor into Inf. The message names the parameter and the tensor.
+    turn the merged tensor into Inf. The message names the parameter and ``tensor``.
     """
     if nonzero and value == 0:
         raise RecipeError(
-            f"{parameter} is 0 for tensor {_label(group)}: every model would get "
+            f"{parameter} is 0 for tensor {_label(tensor)}: every model would get "
             "weight 0 (a normalising method would divide by zero); give weights with "
             "a non-zero sum, or none (the total is then 1)"
         )
@@ -85,16 +122,41 @@ def check_scale(
     if not abs(value) <= limit:
         raise RecipeError(
             f"{parameter} = {value:g} overflows {str(dtype).replace('torch.', '')} "
-            f"(largest value {limit:g}) in tensor {_label(group)}; the merged tensor "
+            f"(largest value {limit:g}) in tensor {_label(tensor)}; the merged tensor "
             "would be Inf"
         )
+
+
+def weight_total(
+    method: str,
+    tensor: Optional[str],
+    weights: Sequence[Tuple[Hashable, Optional[float]]],
+    dtype: torch.dtype,
+) -> float:
+    """The scale of ``<method>+nan``'s weights: the sum of the user's ``weight`` values, else 1.
+
+    ``weights`` pairs each model with its given weight (None: none given). Weights
+    for some models but not all, and a total that :func:`check_scale` refuses
+    (zero, or beyond ``dtype``), raise; the messages name ``method`` and ``tensor``.
+    """
+    given = [weight for _, weight in weights if weight is not None]
+    if given and len(given) != len(weights):
+        missing = [str(model) for model, weight in weights if weight is None]
+        raise TensorError(
+            f"{method}: tensor {tensor!r} has a weight for "
+            f"some models but not for {', '.join(missing)}; give every model a "
+            "weight (it sets the total) or none"
+        )
+    total = sum(given) if given else 1.0
+    check_scale(tensor, "the weight total", total, dtype, nonzero=True)
+    return total
 
 
 def uses_base(group: TensorGroup, nan_norm: NanNorm) -> bool:
     """Whether x_i are task vectors for this group; ``delta`` without a base raises."""
     if nan_norm == "delta" and group.base is None:
         raise TensorError(
-            f"nan_norm: delta needs a base model, but tensor {_label(group)} has "
+            f"nan_norm: delta needs a base model, but tensor {_label(group.metadata.name)} has "
             f"none (models: {', '.join(str(e.id) for e in group.entries)}); set "
             "base_model or use nan_norm: weights"
         )
@@ -118,7 +180,7 @@ def _norms(
         if error.base:
             models.append(f"{group.base.id} (base)")
         raise TensorError(
-            f"NaN or Inf values in tensor {_label(group)} of model(s) "
+            f"NaN or Inf values in tensor {_label(group.metadata.name)} of model(s) "
             f"{', '.join(models)}; NAN coefficients are undefined"
         ) from None
 
@@ -149,7 +211,7 @@ def group_weighting(
     for entry in group.entries:
         if not entry.tensor.is_floating_point():
             raise TensorTypeError(
-                f"NAN needs floating-point tensors; tensor {_label(group)} of "
+                f"NAN needs floating-point tensors; tensor {_label(group.metadata.name)} of "
                 f"model {entry.id} is {entry.tensor.dtype}"
             )
     base = group.base.tensor if uses_base(group, nan_norm) else None
@@ -163,28 +225,63 @@ def group_weighting(
     sums = None
     if not filed:
         norms, sums = _norms(group, inputs, base, scratch, moments)
+    weighting = norm_weighting(
+        tuple(entry.id for entry in inputs),
+        norms,
+        tensor=group.metadata.name,
+        exponent=exponent,
+        scale=scale,
+        scales_weights=scales_weights,
+        prior=None if prior is None else [prior[entry.id] for entry in inputs],
+        sums=sums,
+        numel=inputs[0].tensor.numel() if inputs else 0,
+        delta=base is not None,
+    )
+    if key is not None and not filed:
+        table.add(key, weighting.norms, norms.dtype)
+    return weighting
+
+
+def norm_weighting(
+    models: Sequence[Hashable],
+    norms: torch.Tensor,
+    *,
+    tensor: Optional[str],
+    exponent: float,
+    scale: float,
+    scales_weights: bool,
+    prior: Optional[Sequence[float]] = None,
+    sums: Optional[torch.Tensor] = None,
+    numel: int = 0,
+    delta: bool = False,
+) -> Weighting:
+    """NAN's reading of precomputed norms ``||x_i||``, one per model, with one host sync.
+
+    ``norms`` (and ``sums``, the sums of the x_i's elements, if known) are a 1-D
+    tensor on any device, in the precision they were measured in; ``prior``
+    holds each model's non-negative weight. The shares are
+    :func:`~mergekit_nan.coefficients.coefficients_from_norms`'; an error names
+    ``tensor``. :func:`group_weighting` calls this with the norms of its pass,
+    the adapter path with the norms of the LoRA factors.
+    """
     weights = None
     if prior is not None:
-        weights = torch.tensor(
-            [prior[entry.id] for entry in inputs], dtype=norms.dtype, device=norms.device
-        )
+        weights = torch.tensor(list(prior), dtype=norms.dtype, device=norms.device)
     try:
         shares = coefficients_from_norms(norms, exponent=exponent, prior=weights)
     except ValueError as error:
-        raise TensorError(f"{error} (tensor {_label(group)})") from None
+        raise TensorError(f"{error} (tensor {_label(tensor)})") from None
     rows = [norms, shares.to(norms.dtype)] + ([] if sums is None else [sums.to(norms.dtype)])
     norms_list, shares_list, *sums_list = torch.stack(rows).tolist()
-    if key is not None and not filed:
-        table.add(key, norms_list, norms.dtype)
     return Weighting(
-        models=tuple(entry.id for entry in inputs),
+        models=tuple(models),
         norms=tuple(norms_list),
         shares=tuple(shares_list),
-        priors=None if prior is None else tuple(prior[entry.id] for entry in inputs),
+        priors=None if prior is None else tuple(prior),
         exponent=exponent,
         scale=scale,
         scales_weights=scales_weights,
         sums=tuple(sums_list[0]) if sums_list else None,
-        numel=inputs[0].tensor.numel() if inputs else 0,
-        delta=base is not None,
+        numel=numel,
+        delta=delta,
     )

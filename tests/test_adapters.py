@@ -1,76 +1,36 @@
 """Adapter recipes: LoRA adapters in, one LoRA adapter out (``mergekit-nan merge``).
 
-Three PEFT adapters on the family's base model, with different ranks, alphas,
-targets (one with rsLoRA, one with a trained ``lm_head`` and a zero update),
-all with non-zero B. The merged adapter, applied to the base with PEFT's
+Three PEFT adapters on the family's base model (``conftest.adapters``), with different
+ranks, alphas, targets (one with rsLoRA, one with a trained ``lm_head`` and a zero
+update), all with non-zero B. The merged adapter, applied to the base with PEFT's
 ``merge_and_unload``, is compared with the stock ``mergekit-yaml`` over
 ``base+adapter`` models (mergekit's own LoRA path) and with a float64
-computation here from the dense updates.
+computation here from the dense updates. The refusals are in test_adapter_refusals.py.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors, run_mergekit_yaml
-from safetensors.torch import load_file, save_file
-from stock import run_command
+from safetensors.torch import load_file
+from support import (
+    build_recipe,
+    load_model_tensors,
+    nan_alphas,
+    run_command,
+    run_mergekit_yaml,
+    write_recipe,
+)
 
 from mergekit_nan.lora import concatenate, factor_norm, factor_sum, truncate
 
 peft = pytest.importorskip("peft")
-
-SPECS = [
-    # name, rank, alpha, rsLoRA, targets, modules_to_save, B scale
-    ("ad0", 4, 8, False, ["q_proj", "v_proj"], None, 0.05),
-    ("ad1", 2, 4, True, ["q_proj", "o_proj", "down_proj"], None, 0.1),
-    ("ad2", 8, 8, False, ["q_proj", "v_proj"], ["lm_head"], 0.02),
-]
-
-
-def _make_adapter(base: Path, out: Path, seed: int, **config) -> Path:
-    from transformers import LlamaForCausalLM
-
-    scale = config.pop("b_scale")
-    model = LlamaForCausalLM.from_pretrained(base)
-    lora = peft.get_peft_model(model, peft.LoraConfig(**config))
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, parameter in lora.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(scale * torch.randn(parameter.shape, generator=generator))
-                if "layers.1.self_attn.v_proj" in name and seed == 2:
-                    parameter.zero_()  # a zero update: no say for this adapter here
-            elif "modules_to_save" in name:
-                parameter.add_(0.03 * torch.randn(parameter.shape, generator=generator))
-    lora.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def adapters(family, tmp_path_factory) -> List[Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    return [
-        _make_adapter(
-            family[0],
-            root / name,
-            seed,
-            r=rank,
-            lora_alpha=alpha,
-            use_rslora=rs,
-            target_modules=targets,
-            modules_to_save=saved,
-            b_scale=scale,
-        )
-        for seed, (name, rank, alpha, rs, targets, saved, scale) in enumerate(SPECS)
-    ]
 
 
 def dense_updates(base: Dict[str, torch.Tensor], adapter: Path) -> Dict[str, torch.Tensor]:
@@ -96,12 +56,7 @@ def nan_expected(base, updates, *, priors=None, lam=1.0, total=None, pooled=None
     for name, tensor in base.items():
         deltas = [u[name] for u in updates]
         norms = pooled[name] if pooled else [float(d.norm()) for d in deltas]
-        weights = priors or [1.0] * len(deltas)
-        inverse = [w / n if n > 0 else 0.0 for w, n in zip(weights, norms)]
-        if not any(inverse):
-            result[name] = tensor.double()
-            continue
-        shares = [v / sum(inverse) for v in inverse]
+        shares = nan_alphas(norms, priors)  # every delta zero: the base
         scale = lam if total is None else lam * total
         merged = tensor.double() + sum(scale * s * d for s, d in zip(shares, deltas))
         result[name] = merged
@@ -124,36 +79,12 @@ def relative(got: Dict[str, torch.Tensor], want: Dict[str, torch.Tensor]) -> flo
     )
 
 
-def write_recipe(path: Path, recipe: dict) -> Path:
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
-def adapter_recipe(family, adapters, method="nan", parameters=None, weights=None, **extra):
-    models = []
-    for index, adapter in enumerate(adapters):
-        entry = {"model": str(adapter)}
-        if weights is not None:
-            entry["parameters"] = {"weight": weights[index]}
-        models.append(entry)
-    recipe = {"merge_method": method, "base_model": str(family[0]), "models": models}
-    recipe["dtype"] = "float32"
-    if parameters:
-        recipe["parameters"] = parameters
-    recipe.update(extra)
-    return recipe
-
-
 def stock_recipe(recipe: dict) -> dict:
     """The same recipe over BASE+ADAPTER models."""
     stock = json.loads(json.dumps(recipe))
     for model in stock["models"]:
         model["model"] = f"{recipe['base_model']}+{model['model']}"
     return stock
-
-
-def merge(recipe_path: Path, out: Path, *extra: str):
-    return run_command("mergekit-nan", "merge", str(recipe_path), str(out), *extra)
 
 
 # --- the factor arithmetic, against dense float64 ---------------------------------------------
@@ -221,9 +152,11 @@ def dense(family, adapters):
 def test_adapter_merge_equals_the_stock_merge_of_base_plus_adapter(
     family, adapters, dense, tmp_path, method, parameters, weights, record_property
 ):
-    recipe = adapter_recipe(family, adapters, method, parameters, weights)
+    recipe = build_recipe(adapters, method, base=family[0], parameters=parameters, weights=weights)
     out = tmp_path / "merged-adapter"
-    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out)
+    result = run_command(
+        "mergekit-nan", "merge", write_recipe(tmp_path / "recipe.yml", recipe), out
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "README.md",
@@ -265,7 +198,12 @@ def test_adapter_merge_equals_the_stock_merge_of_base_plus_adapter(
 
 def test_rank_sums_and_zero_updates_add_no_rank(family, adapters, tmp_path):
     out = tmp_path / "merged"
-    result = merge(write_recipe(tmp_path / "r.yml", adapter_recipe(family, adapters)), out)
+    result = run_command(
+        "mergekit-nan",
+        "merge",
+        write_recipe(tmp_path / "r.yml", build_recipe(adapters, base=family[0])),
+        out,
+    )
     assert result.returncode == 0, result.stderr
     settings = json.loads((out / "adapter_config.json").read_text())
     saved = load_file(out / "adapter_model.safetensors")
@@ -283,12 +221,24 @@ def test_rank_sums_and_zero_updates_add_no_rank(family, adapters, tmp_path):
 def test_pooled_granularity_equals_the_full_model_merge(
     family, adapters, dense, tmp_path, granularity
 ):
-    recipe = adapter_recipe(family, adapters, "nan")
+    recipe = build_recipe(adapters, "nan", base=family[0])
     path = write_recipe(tmp_path / "recipe.yml", recipe)
     out = tmp_path / "adapter"
-    assert merge(path, out, "--granularity", granularity).returncode == 0
+    assert (
+        run_command("mergekit-nan", "merge", path, out, "--granularity", granularity).returncode
+        == 0
+    )
     full = tmp_path / "full"
-    result = merge(path, full, "--granularity", granularity, "--full-model", "--no-copy-tokenizer")
+    result = run_command(
+        "mergekit-nan",
+        "merge",
+        path,
+        full,
+        "--granularity",
+        granularity,
+        "--full-model",
+        "--no-copy-tokenizer",
+    )
     assert result.returncode == 0, result.stderr
     got, stock = applied(family[0], out), load_model_tensors(full)
     assert relative(got, stock) <= 1e-6
@@ -308,9 +258,9 @@ def test_pooled_granularity_equals_the_full_model_merge(
 
 
 def test_rank_cut_reports_what_a_dense_svd_keeps(family, adapters, dense, tmp_path):
-    path = write_recipe(tmp_path / "recipe.yml", adapter_recipe(family, adapters))
+    path = write_recipe(tmp_path / "recipe.yml", build_recipe(adapters, base=family[0]))
     out = tmp_path / "cut"
-    result = merge(path, out, "--rank", "3")
+    result = run_command("mergekit-nan", "merge", path, out, "--rank", "3")
     assert result.returncode == 0, result.stderr
     card = (out / "README.md").read_text()
     reported = {}
@@ -339,7 +289,7 @@ def test_rank_cut_reports_what_a_dense_svd_keeps(family, adapters, dense, tmp_pa
 
 
 def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_path):
-    recipe = adapter_recipe(family, adapters, "task_arithmetic+nan", weights=[1.0, 1.0, 1.0])
+    recipe = build_recipe(adapters, "task_arithmetic+nan", base=family[0], weights=[1.0, 1.0, 1.0])
     path = write_recipe(tmp_path / "recipe.yml", recipe)
     report = tmp_path / "c.json"
     result = run_command("mergekit-nan", "inspect", str(path), "--json", str(report))
@@ -348,10 +298,10 @@ def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_pa
     rows = {t["name"]: t for t in json.loads(report.read_text())["tensors"]}
     name = "model.layers.0.self_attn.q_proj.weight"
     norms = [float(u[name].norm()) for u in updates]
-    inverse = [1 / n for n in norms]
-    for model, norm, value in zip(rows[name]["models"], norms, inverse):
+    weights = [3 * a for a in nan_alphas(norms)]
+    for model, norm, weight in zip(rows[name]["models"], norms, weights):
         assert math.isclose(model["norm"], norm, rel_tol=1e-6)
-        assert math.isclose(model["weight"], 3 * value / sum(inverse), rel_tol=1e-6)
+        assert math.isclose(model["weight"], weight, rel_tol=1e-6)
 
     frozen = tmp_path / "frozen.yml"
     result = run_command(
@@ -366,13 +316,107 @@ def test_inspect_and_freeze_read_adapter_recipes(family, adapters, dense, tmp_pa
     run_mergekit_yaml(data, stock_out, "--lora-merge-cache", str(tmp_path / "cache"))
     out = tmp_path / "adapter"
     saved = tmp_path / "saved.yml"
-    assert merge(path, out, "--granularity", "layer", "--save-frozen", str(saved)).returncode == 0
+    assert (
+        run_command(
+            "mergekit-nan",
+            "merge",
+            path,
+            out,
+            "--granularity",
+            "layer",
+            "--save-frozen",
+            str(saved),
+        ).returncode
+        == 0
+    )
     assert relative(applied(family[0], out), load_model_tensors(stock_out)) <= 1e-6
     assert yaml.safe_load(saved.read_text()) == data
 
 
+@pytest.fixture(scope="module")
+def inspected_both(family, adapters, tmp_path_factory):
+    """``inspect(recipe)``: the adapter path's inspection and the full-model one over
+    ``base+adapter`` models (mergekit merges the adapters into a shared cache)."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+
+    from mergekit_nan.commands.adapters.coefficients import (
+        adapter_inspection,
+        base_adapter_config,
+    )
+    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
+    from mergekit_nan.doctor.adapters import adapter_recipe as read_adapter_recipe
+
+    options = MergeOptions(lora_merge_cache=str(tmp_path_factory.mktemp("lora")), quiet=True)
+
+    def inspect(recipe: dict):
+        config = MergeConfiguration.model_validate(recipe)
+        adapters_read = read_adapter_recipe(config)
+        own = adapter_inspection(config, adapters_read, "tensor")
+        full = inspect_recipe(base_adapter_config(config, adapters_read), options=options)
+        return own, {row.name: row for row in full.tensors}
+
+    return inspect
+
+
+def test_one_coefficient_rule_for_adapters_and_full_models(
+    family, adapters, inspected_both, monkeypatch
+):
+    """Swap the core's rule for alpha_i ~ ||x_i|| (not its inverse): the adapter path
+    follows as the full-model inspection does, so it has no rule of its own."""
+    from mergekit_nan import weighting
+
+    rule = weighting.coefficients_from_norms
+
+    def proportional(norms, *, exponent=1.0, prior=None):
+        return rule(norms, exponent=-exponent, prior=prior)
+
+    monkeypatch.setattr(weighting, "coefficients_from_norms", proportional)
+    recipe = build_recipe(adapters, "task_arithmetic+nan", base=family[0], weights=[1.0, 0.5, 0.5])
+    own, full = inspected_both(recipe)
+    assert own.tensors
+    for row in own.tensors:
+        # The adapter path reads in float64, the full-model one in float32.
+        for found, precision in ((row, 1e-12), (full[row.name], 1e-6)):
+            total = math.fsum(found.norms)
+            want = [2 * n / total for n in found.norms]
+            assert found.weights == pytest.approx(want, rel=precision)
+        assert row.weights == pytest.approx(full[row.name].weights, rel=1e-4, abs=1e-9)
+
+
+def test_adapter_parameters_resolve_as_for_full_models(family, adapters, inspected_both):
+    """A per-model filter that misses a tensor falls through to the top-level value, as
+    mergekit's planner resolves it; bad values get the specs' own messages."""
+    from mergekit.config import MergeConfiguration
+
+    from mergekit_nan.commands.adapters.coefficients import adapter_updates
+    from mergekit_nan.doctor.adapters import adapter_recipe as read_adapter_recipe
+    from mergekit_nan.errors import RecipeError
+    from mergekit_nan.method import NanMerge
+
+    recipe = build_recipe(
+        adapters, "nan", base=family[0], parameters={"weight": 3.0}, weights=[1.0, 1.0, 1.0]
+    )
+    recipe["models"][0]["parameters"] = {"weight": [{"filter": "q_proj", "value": 2.0}]}
+    own, full = inspected_both(recipe)
+    for row in own.tensors:
+        prior = 2.0 if "q_proj" in row.name else 3.0
+        inverse = [w / n if n > 0 else 0.0 for w, n in zip((prior, 1.0, 1.0), row.norms)]
+        assert row.shares == pytest.approx([v / sum(inverse) for v in inverse], rel=1e-12)
+        assert row.shares == pytest.approx(full[row.name].shares, rel=1e-4, abs=1e-9)
+
+    spec = next(p for p in NanMerge.spec.parameters if p.name == "weight")
+    with pytest.raises(RecipeError) as refused:
+        spec.validate(-1.0)
+    recipe = build_recipe(adapters, "nan", base=family[0], weights=[1.0, -1.0, 1.0])
+    config = MergeConfiguration.model_validate(recipe)
+    with pytest.raises(RecipeError) as raised:
+        adapter_updates(config, read_adapter_recipe(config), "tensor")
+    assert raised.value.message == refused.value.message
+
+
 def test_check_reads_adapter_recipes(family, adapters, tmp_path):
-    path = write_recipe(tmp_path / "recipe.yml", adapter_recipe(family, adapters))
+    path = write_recipe(tmp_path / "recipe.yml", build_recipe(adapters, base=family[0]))
     result = run_command("mergekit-nan", "check", str(path))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 LoRA adapters" in result.stdout
@@ -381,130 +425,18 @@ def test_check_reads_adapter_recipes(family, adapters, tmp_path):
     )  # the stock command reads models, not adapters: refused before writing
     assert stock.returncode == 1 and "mergekit-nan merge RECIPE OUT_PATH" in stock.stderr
     assert not (tmp_path / "stock").exists()
-    ties = write_recipe(tmp_path / "ties.yml", adapter_recipe(family, adapters, "ties+nan"))
+    ties = write_recipe(tmp_path / "ties.yml", build_recipe(adapters, "ties+nan", base=family[0]))
     result = run_command("mergekit-nan", "check", str(ties))
     assert "adapter-method" in result.stdout or "cannot merge LoRA adapters" in result.stdout
 
 
-# --- refusals -----------------------------------------------------------------------------------
-
-
-def _edited(adapter: Path, where: Path, settings=None, tensors=None) -> Path:
-    shutil.copytree(adapter, where)
-    if settings:
-        data = json.loads((where / "adapter_config.json").read_text())
-        data.update(settings)
-        (where / "adapter_config.json").write_text(json.dumps(data))
-    if tensors:
-        saved = load_file(where / "adapter_model.safetensors")
-        saved.update(tensors)
-        save_file(saved, where / "adapter_model.safetensors")
-    return where
-
-
-@pytest.fixture(scope="module")
-def broken(family, adapters, tmp_path_factory):
-    """Adapters (and recipe changes) that an adapter merge refuses, with the words it says."""
-    root = tmp_path_factory.mktemp("broken")
-    good = adapters[0]
-    q = "base_model.model.model.layers.0.self_attn.q_proj"
-    dora = _make_adapter(
-        family[0],
-        root / "dora",
-        7,
-        r=2,
-        lora_alpha=2,
-        target_modules=["q_proj"],
-        use_dora=True,
-        b_scale=0.01,
-    )
-    bias = _make_adapter(
-        family[0],
-        root / "bias",
-        8,
-        r=2,
-        lora_alpha=2,
-        target_modules=["q_proj"],
-        bias="all",
-        b_scale=0.01,
-    )
-    other = _edited(good, root / "other", {"base_model_name_or_path": str(family[1])})
-    shape = _edited(good, root / "shape", tensors={q + ".lora_B.weight": torch.ones(32, 3)})
-    corrupt = _edited(good, root / "corrupt")
-    (corrupt / "adapter_model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
-    return {
-        "dora": ([dora], {}, ["dora", "DoRA", "lora_magnitude_vector"]),
-        "bias": ([bias], {}, ["bias", "trains biases"]),
-        "other-base": ([other], {}, ["other", "was trained on", str(family[1])]),
-        "shape": ([shape], {}, ["shape", "model.layers.0.self_attn.q_proj", "do not"]),
-        "ties": ([], {"merge_method": "ties+nan"}, ["ties+nan", "--full-model"]),
-        "linear": ([], {"merge_method": "linear+nan"}, ["linear ignores base_model"]),
-        "norm": ([], {"parameters": {"nan_norm": "weights"}}, ["nan_norm: weights"]),
-        "mixed": ([family[1]], {}, ["mixes LoRA adapters", str(family[1])]),
-        "corrupt": ([corrupt], {}, ["corrupt", "cannot read adapter_model.safetensors"]),
-        "gradient": ([], {"parameters": {"lambda": [1.0, 2.0]}}, ["lambda is a gradient"]),
-    }
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        "dora",
-        "bias",
-        "other-base",
-        "shape",
-        "ties",
-        "linear",
-        "norm",
-        "mixed",
-        "corrupt",
-        "gradient",
-    ],
-)
-def test_refusals_name_the_problem_and_write_nothing(family, adapters, broken, tmp_path, case):
-    extra, changes, words = broken[case]
-    recipe = adapter_recipe(family, adapters[:2] + extra)
-    recipe.update(changes)
-    out = tmp_path / "out"
-    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out)
-    assert result.returncode == 1
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for word in words:
-        assert word in lines[0]
-    assert not out.exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yml"]
-
-
-def test_output_over_an_adapter_is_refused(family, adapters, tmp_path):
-    copy = shutil.copytree(adapters[0], tmp_path / "copy")
-    before = sorted((p.name, p.stat().st_size) for p in copy.iterdir())
-    recipe = adapter_recipe(family, [copy, adapters[1]])
-    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), copy, "--overwrite")
-    assert result.returncode == 1
-    assert "output-overwrites-input" in result.stderr or "overwrite" in result.stderr
-    assert sorted((p.name, p.stat().st_size) for p in copy.iterdir()) == before
-
-
-def test_rank_needs_an_adapter_recipe(family, tmp_path):
-    recipe = {
-        "merge_method": "nan",
-        "base_model": str(family[0]),
-        "models": [{"model": str(family[1])}, {"model": str(family[2])}],
-    }
-    out = tmp_path / "out"
-    result = merge(write_recipe(tmp_path / "recipe.yml", recipe), out, "--rank", "2")
-    assert result.returncode == 1 and "apply to adapter recipes" in result.stderr
-    assert not out.exists()
-
-
 def test_full_model_merges_a_sparsifying_method_as_mergekit_does(family, adapters, tmp_path):
-    recipe = adapter_recipe(family, adapters, "ties+nan")
+    recipe = build_recipe(adapters, "ties+nan", base=family[0])
     for model in recipe["models"]:
         model["parameters"] = {"density": 0.6}
     path = write_recipe(tmp_path / "recipe.yml", recipe)
     out = tmp_path / "full"
-    result = merge(path, out, "--full-model", "--no-copy-tokenizer")
+    result = run_command("mergekit-nan", "merge", path, out, "--full-model", "--no-copy-tokenizer")
     assert result.returncode == 0, result.stderr
     assert (out / "README.md").is_file() and not (out / "adapter_config.json").exists()
     stock_out = tmp_path / "stock"

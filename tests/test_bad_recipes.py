@@ -16,7 +16,7 @@ from typing import Callable, Dict, List
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
-from stock import run_command
+from support import build_recipe, run_command, write_recipe
 
 from mergekit_nan.commands.tiny import tiny_llama_config, write_family
 
@@ -38,30 +38,21 @@ def models(tmp_path_factory) -> Dict[str, Path]:
     return found
 
 
-def recipe(models: Dict[str, Path], method: str = "nan", **extra) -> Dict:
-    config = {
-        "merge_method": method,
-        "base_model": str(models["base"]),
-        "models": [{"model": str(models[f"ft{i}"])} for i in range(3)],
-        "dtype": "float32",
-    }
-    config.update(extra)
-    return config
+def corpus_recipe(models: Dict[str, Path], method: str = "nan", **extra) -> Dict:
+    """``method`` over ft0-ft2 of the corpus, with its base (``extra``: as ``build_recipe``)."""
+    tuned = [models[f"ft{i}"] for i in range(3)]
+    return build_recipe(tuned, method, base=models["base"], **extra)
 
 
 def weighted(models, method: str, weights: List, **extra) -> Dict:
-    config = recipe(models, method, **extra)
-    for model, weight in zip(config["models"], weights):
-        if weight is not None:
-            model["parameters"] = {"weight": weight}
-    return config
+    return corpus_recipe(models, method, weights=weights, **extra)
 
 
 Case = Callable[[Dict[str, Path]], object]
 REFUSED: Dict[str, tuple] = {
     # case: (recipe or recipe text, words of the last line)
-    "typo in the method": (lambda m: recipe(m, "tie+nan"), "merge_method"),
-    "method without weights": (lambda m: recipe(m, "slerp+nan"), "'slerp' declares no"),
+    "typo in the method": (lambda m: corpus_recipe(m, "tie+nan"), "merge_method"),
+    "method without weights": (lambda m: corpus_recipe(m, "slerp+nan"), "'slerp' declares no"),
     "zero weight total": (
         lambda m: weighted(m, "ties+nan", [1.0, -1.0, 0.0], parameters={"density": 0.5}),
         "sum to 0",
@@ -69,59 +60,60 @@ REFUSED: Dict[str, tuple] = {
     "weights on some models": (lambda m: weighted(m, "ties+nan", [1.0, None, 1.0]), "weight"),
     "all priors zero": (lambda m: weighted(m, "nan", [0.0, 0.0, 0.0]), "every weight on nan is 0"),
     "negative prior": (lambda m: weighted(m, "nan", [1.0, -1.0, 1.0]), "weight = -1"),
-    "overflowing lambda": (lambda m: recipe(m, parameters={"lambda": 1.0e300}), "lambda"),
+    "overflowing lambda": (lambda m: corpus_recipe(m, parameters={"lambda": 1.0e300}), "lambda"),
     "lambda beyond bfloat16": (
-        lambda m: recipe(m, parameters={"lambda": 1.0e39}, dtype="bfloat16"),
+        lambda m: corpus_recipe(m, parameters={"lambda": 1.0e39}, dtype="bfloat16"),
         "overflows bfloat16",
     ),
-    "NaN lambda": (lambda m: recipe(m, parameters={"lambda": float("nan")}), "lambda"),
+    "NaN lambda": (lambda m: corpus_recipe(m, parameters={"lambda": float("nan")}), "lambda"),
     "exponent not a number": (
-        lambda m: recipe(m, parameters={"nan_exponent": "abc"}),
+        lambda m: corpus_recipe(m, parameters={"nan_exponent": "abc"}),
         "nan_exponent must be a number",
     ),
-    "unknown nan_norm": (lambda m: recipe(m, parameters={"nan_norm": "deltas"}), "nan_norm"),
+    "unknown nan_norm": (lambda m: corpus_recipe(m, parameters={"nan_norm": "deltas"}), "nan_norm"),
     "delta without a base": (
-        lambda m: {**recipe(m, parameters={"nan_norm": "delta"}), "base_model": None},
+        lambda m: {**corpus_recipe(m, parameters={"nan_norm": "delta"}), "base_model": None},
         "base",
     ),
     "pooled granularity": (
-        lambda m: recipe(m, parameters={"nan_granularity": "layer"}),
+        lambda m: corpus_recipe(m, parameters={"nan_granularity": "layer"}),
         "mergekit-nan merge",
     ),
     "one model": (
-        lambda m: {**recipe(m), "base_model": None, "models": [{"model": str(m["ft0"])}]},
+        lambda m: {**corpus_recipe(m), "base_model": None, "models": [{"model": str(m["ft0"])}]},
         "nan merges at least 2 models",
     ),
     "missing model": (
-        lambda m: {**recipe(m), "models": [{"model": str(m["ft0"]) + "-gone"}]},
+        lambda m: {**corpus_recipe(m), "models": [{"model": str(m["ft0"]) + "-gone"}]},
         "-gone not found",
     ),
     "missing relative path": (
-        lambda m: {**recipe(m), "models": [{"model": "./models/ft9"}, {"model": str(m["ft1"])}]},
+        lambda m: {
+            **corpus_recipe(m),
+            "models": [{"model": "./models/ft9"}, {"model": str(m["ft1"])}],
+        },
         "./models/ft9 not found",
     ),
     "wider layers": (
-        lambda m: {**recipe(m), "models": [{"model": str(m["wide"])}, {"model": str(m["ft1"])}]},
+        lambda m: {
+            **corpus_recipe(m),
+            "models": [{"model": str(m["wide"])}, {"model": str(m["ft1"])}],
+        },
         "differ in shape",
     ),
     "not a recipe": (lambda m: "merge_method: nan\nmodels: 5\n", "not a valid mergekit recipe"),
     "YAML error": (lambda m: "merge_method: nan\nmodels:\n  - model: [a\n", "not valid YAML"),
     "two documents": (
-        lambda m: yaml.safe_dump_all([recipe(m), recipe(m)]),
+        lambda m: yaml.safe_dump_all([corpus_recipe(m), corpus_recipe(m)]),
         "run it with mergekit-multi",
     ),
 }
 
 
-def write(config: object, path: Path) -> Path:
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    return path
-
-
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_mistake_visible_before_merging_is_refused_cleanly(case, models, tmp_path):
     build, words = REFUSED[case]
-    path = write(build(models), tmp_path / "recipe.yml")
+    path = write_recipe(tmp_path / "recipe.yml", build(models))
     out = tmp_path / "merged"
     result = run_command("mergekit-yaml", str(path), str(out), "--no-copy-tokenizer")
     assert result.returncode == 1
@@ -133,8 +125,8 @@ def test_a_mistake_visible_before_merging_is_refused_cleanly(case, models, tmp_p
 
 
 def test_a_nan_in_a_checkpoint_stops_the_merge_naming_tensor_and_model(models, tmp_path):
-    config = {**recipe(models), "models": [{"model": str(models["with-nan"])}]}
-    path = write(config, tmp_path / "recipe.yml")
+    config = {**corpus_recipe(models), "models": [{"model": str(models["with-nan"])}]}
+    path = write_recipe(tmp_path / "recipe.yml", config)
     out = tmp_path / "merged"
     result = run_command("mergekit-yaml", str(path), str(out), "--no-copy-tokenizer")
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -147,11 +139,11 @@ def test_a_nan_in_a_checkpoint_stops_the_merge_naming_tensor_and_model(models, t
 WARNED: Dict[str, tuple] = {
     # case: (recipe, words of the warning)
     "typo in a parameter": (
-        lambda m: recipe(m, parameters={"nan_exponet": 2.0}),
+        lambda m: corpus_recipe(m, parameters={"nan_exponet": 2.0}),
         "did you mean `nan_exponent`?",
     ),
     "extreme lambda": (
-        lambda m: recipe(m, parameters={"lambda": 1.0e38}, dtype="bfloat16"),
+        lambda m: corpus_recipe(m, parameters={"lambda": 1.0e38}, dtype="bfloat16"),
         "extrapolates the task vectors 1e+38 times",
     ),
     "extreme weight total": (
@@ -174,7 +166,7 @@ WARNED: Dict[str, tuple] = {
 @pytest.mark.parametrize("case", list(WARNED))
 def test_a_doubtful_recipe_merges_with_a_warning(case, models, tmp_path):
     build, words = WARNED[case]
-    path = write(build(models), tmp_path / "recipe.yml")
+    path = write_recipe(tmp_path / "recipe.yml", build(models))
     out = tmp_path / "merged"
     result = run_command("mergekit-yaml", str(path), str(out), "--no-copy-tokenizer")
     assert result.returncode == 0, result.stderr
@@ -187,7 +179,7 @@ def test_a_doubtful_recipe_merges_with_a_warning(case, models, tmp_path):
 @pytest.mark.parametrize("case", ["exponent not a number", "unknown nan_norm", "one model"])
 def test_check_says_each_mistake_once_in_its_own_words(case, models, tmp_path):
     build, words = REFUSED[case]
-    path = write(build(models), tmp_path / "recipe.yml")
+    path = write_recipe(tmp_path / "recipe.yml", build(models))
     result = run_command("mergekit-nan", "check", str(path))
     errors = [x for x in result.stdout.splitlines() if x.startswith("error: ")]
     assert len(errors) == 1 and words in errors[0], result.stdout

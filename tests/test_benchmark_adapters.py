@@ -11,7 +11,7 @@ import io
 import json
 import math
 
-from test_benchmarks import BENCHMARKS, documented_arguments
+from support import BENCHMARKS, documented_arguments
 
 
 def test_adapter_benchmark_runs_at_the_tiny_size(tmp_path):

@@ -11,13 +11,13 @@ import json
 import math
 
 import pytest
-from test_benchmarks import _run, documented_arguments
+from support import documented_arguments, run_benchmark
 
 
 def test_cost_benchmark_runs_both_sides_at_the_tiny_size(tmp_path):
     out = tmp_path / "cost.json"
     arguments = documented_arguments("compare/cost.py")
-    stdout = _run("cost.py", *arguments, "--cache", str(tmp_path), "--json", str(out))
+    stdout = run_benchmark("cost.py", *arguments, "--cache", str(tmp_path), "--json", str(out))
     payload = json.loads(out.read_text())
     labels = ["nan", "uniform", "nan exponent=-1"]
     assert list(payload["losses"]["compare"]) == labels
@@ -36,7 +36,9 @@ def test_cost_benchmark_runs_both_sides_at_the_tiny_size(tmp_path):
 def test_shared_norms_benchmark_merges_the_same_tensors_both_ways(tmp_path):
     out = tmp_path / "shared.json"
     arguments = documented_arguments("compare/shared_norms.py")
-    stdout = _run("shared_norms.py", *arguments, "--cache", str(tmp_path), "--json", str(out))
+    stdout = run_benchmark(
+        "shared_norms.py", *arguments, "--cache", str(tmp_path), "--json", str(out)
+    )
     payload = json.loads(out.read_text())
     assert payload["same"] == {"nan_exponent -1": True, "nan_granularity layer": True}
     for label, ways in payload["runs"].items():

@@ -11,39 +11,20 @@ import importlib
 import io
 import json
 import math
-import shlex
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Dict, List, Sequence, Tuple
 
 import pytest
 import torch
-from stock import command
-from test_docs import REPO, blocks, commands
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-DOCUMENTED = [
-    command
-    for block in blocks(REPO / "docs" / "benchmarks.md")
-    if block.language == "bash"
-    for command in commands(block)
-    if command.startswith("python benchmarks/")
-]
-"""The benchmark command lines of the docs; the tests below run them as written."""
-
-
-def documented_arguments(script: str) -> List[str]:
-    """The arguments of the documented command line of ``script`` (``FOLDER/NAME.py`` or ``NAME.py``)."""
-    (line,) = [c for c in DOCUMENTED if c.split()[1].endswith(f"/{script}")]
-    return shlex.split(line)[2:]
-
-
-def benchmark_folder(script: str) -> Path:
-    """The folder of ``benchmarks/`` that holds ``script``: one folder per benchmark."""
-    (path,) = BENCHMARKS.glob(f"*/{script}")
-    return path.parent
-
+from support import (
+    benchmark_folder,
+    benchmark_script,
+    command,
+    documented_arguments,
+    nan_alphas,
+    run_benchmark,
+)
 
 PAIRS = (
     "nan vs linear",
@@ -65,27 +46,6 @@ MERGE_MODEL_PAIR = "nan [mergekit-nan merge --granularity model] vs nan [mergeki
 State = Dict[str, torch.Tensor]
 
 
-def _script(script: str) -> ModuleType:
-    """A benchmark script as a module (its own imports find its sibling modules)."""
-    folder = str(benchmark_folder(script))
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(Path(script).stem)
-
-
-def _run(script: str, *args: str) -> str:
-    """Run a benchmark script's ``main`` in this process; its stdout (it must exit 0)."""
-    stdout, stderr = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    try:
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            code = _script(script).main(list(args))
-    finally:
-        torch.set_num_threads(threads)  # the quality benchmark runs on one thread
-    assert code == 0, stderr.getvalue()[-4000:]
-    return stdout.getvalue()
-
-
 def _finite(values: List[float]) -> bool:
     return bool(values) and all(math.isfinite(v) for v in values)
 
@@ -98,7 +58,7 @@ def test_overhead_tiny(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
     cache = tmp_path / "cache"
     arguments = documented_arguments("overhead.py")
-    stdout = _run("overhead.py", *arguments, "--cache", str(cache), "--json", str(out))
+    stdout = run_benchmark("overhead.py", *arguments, "--cache", str(cache), "--json", str(out))
     pairs = list(PAIRS)
     if _merge_command_present():
         pairs.append(MERGE_MODEL_PAIR)
@@ -124,7 +84,7 @@ def test_overhead_tiny(tmp_path: Path) -> None:
     assert (model["inputs"], model["largest_numel"]) == (4, 256 * 64)
     # Without --keep the built checkpoints and merge outputs are gone.
     assert not any(cache.glob("llama-tiny-*")) and not any(cache.glob("work-*"))
-    table = _run("overhead.py", "--size-table", str(out))
+    table = run_benchmark("overhead.py", "--size-table", str(out))
     linear = [m["max_rss"] for m in payload["merges"] if m["method"] == "linear"]
     row = "| tiny | 5B (default) | 0.12M | 4 | 0.02 | 0 | 1 |"
     assert row in table and f"| {linear[0] / 2**20:.0f} | " in table
@@ -138,7 +98,7 @@ def test_overhead_resume_runs_only_missing_merges(tmp_path: Path) -> None:
     common += ["--cache", str(tmp_path / "cache"), "--json", str(out)]
     earlier = {"pair": "nan vs linear", "method": "nan", "round": 0, "wall_s": 1.5}
     out.write_text(json.dumps({"model": {"size": "tiny"}, "merges": [{**earlier, "max_rss": 123}]}))
-    _run("overhead.py", *common, "--rounds", "1", "--resume")
+    run_benchmark("overhead.py", *common, "--rounds", "1", "--resume")
     merges = json.loads(out.read_text())["merges"]
     assert merges[0] == {**earlier, "max_rss": 123, "peak_anon": 0, "peak_file": 0, "cpu_s": 0.0}
     assert [(m["round"], m["method"]) for m in merges[1:]] == [(0, "linear")]
@@ -222,7 +182,7 @@ def test_overhead_cuda_flag_needs_a_gpu(tmp_path: Path) -> None:
         pytest.skip("a GPU is present; the flag is exercised by the full run")
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr), pytest.raises(SystemExit) as exit:
-        _script("overhead.py").main(["--size", "tiny", "--cuda", "--cache", str(tmp_path)])
+        benchmark_script("overhead.py").main(["--size", "tiny", "--cuda", "--cache", str(tmp_path)])
     assert exit.value.code == 2
     assert "--cuda needs a CUDA device" in stderr.getvalue()
 
@@ -231,7 +191,7 @@ def test_quality_tiny(tmp_path: Path) -> None:
     pytest.importorskip("sklearn")
     pytest.importorskip("scipy")
     out = tmp_path / "quality.json"
-    stdout = _run("quality.py", *documented_arguments("quality.py"), "--json", str(out))
+    stdout = run_benchmark("quality.py", *documented_arguments("quality.py"), "--json", str(out))
     for heading in ("multi-task, protocol steps", "same-task, protocol epochs"):
         assert f"### {heading}" in stdout
     for row in (
@@ -295,8 +255,7 @@ def _reference(
                 x = model[name].double() - (base[name].double() if nan_norm == "delta" else 0.0)
                 squares += float((x * x).sum())
             norms.append(math.sqrt(squares))
-        inverse = [1.0 / n for n in norms]
-        alphas = [i / sum(inverse) for i in inverse]
+        alphas = nan_alphas(norms)
         for name in names:
             delta = sum(
                 a * (m[name].double() - base[name].double()) for a, m in zip(alphas, models)
@@ -373,7 +332,7 @@ def test_grouped_nan_keeps_untouched_tensors_and_rejects_unknown_granularity(
 
 def test_overhead_profile_tiny(tmp_path: Path) -> None:
     arguments = documented_arguments("overhead_profile.py")
-    stdout = _run("overhead_profile.py", *arguments, "--cache", str(tmp_path / "cache"))
+    stdout = run_benchmark("overhead_profile.py", *arguments, "--cache", str(tmp_path / "cache"))
     header = "| step | nan (no base) | linear (no base) |"
     assert header in stdout
     for step in ("wall", "cpu", "minor faults", "guard", "load", "merge", "norm pass", "save"):

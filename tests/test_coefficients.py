@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from support import nan_weights
 
 from mergekit_nan.coefficients import (
     NonFiniteInputError,
@@ -16,15 +15,10 @@ from mergekit_nan.coefficients import (
 
 
 def reference(tensors, base=None, exponent=1.0, prior=None):
-    """float64 NAN coefficients, written out directly from the formula."""
-    xs = [t.double() - (base.double() if base is not None else 0.0) for t in tensors]
-    norms = [math.sqrt(float((x * x).sum())) for x in xs]
-    prior = prior or [1.0] * len(xs)
-    scores = [w * n ** (-exponent) if n > 0 else 0.0 for w, n in zip(prior, norms)]
-    if sum(scores) == 0:
-        scores = list(prior)
-    total = sum(scores)
-    return torch.tensor([s / total for s in scores], dtype=torch.float64)
+    """float64 NAN coefficients (``support.nan_weights``) as a tensor."""
+    return torch.tensor(
+        nan_weights(tensors, base, priors=prior, exponent=exponent), dtype=torch.float64
+    )
 
 
 def family(seed, n=3, shape=(33, 17), scales=(0.01, 0.03, 0.1), dtype=torch.float32):

@@ -17,8 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors, run_mergekit_yaml
-from stock import run_command
+from support import build_recipe, load_model_tensors, run_command, run_mergekit_yaml, write_recipe
 
 from mergekit_nan.commands.compare import score as compare_score
 from mergekit_nan.doctor.heldout import DataError, load_documents
@@ -274,9 +273,7 @@ def broken(family, tmp_path_factory) -> Dict[str, Path]:
 
 
 def _recipe(tmp_path: Path, base: Path, models: List[Path], **extra) -> str:
-    recipe = {"merge_method": "nan", "base_model": str(base),
-              "models": [{"model": str(p)} for p in models], "dtype": "float32", **extra}  # fmt: skip
-    (tmp_path / "r.yml").write_text(yaml.safe_dump(recipe))
+    write_recipe(tmp_path / "r.yml", build_recipe(models, base=base, **extra))
     return "r.yml"
 
 

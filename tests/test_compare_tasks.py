@@ -21,8 +21,7 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import family_recipe, run_mergekit_yaml
-from stock import run_command
+from support import family_recipe, run_command, run_mergekit_yaml
 
 from mergekit_nan.commands.compare import score as compare_score
 

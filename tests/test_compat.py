@@ -6,13 +6,13 @@ square), so every architecture runs in float32, bfloat16 and float16 and every
 method in every dtype. Inputs are stored in the cell's dtype. Every output
 tensor is compared with an independent computation:
 
-- ``nan``: the float64 formula (``test_method.expected_merge``) on the inputs
+- ``nan``: the float64 formula (``support.nan_merge``) on the inputs
   upcast to float64. The plugin computes in float32 and rounds to the output
   dtype once, so the admissible error is that rounding: 1e-6 in float32 (a few
   float32 ulps), ``finfo(dtype).eps`` in half precision (twice the bound of
   one final rounding, eps / 2, relative to the tensor's largest entry).
 - ``ties+nan``: stock ``ties`` on the same inputs given float64 NAN weights
-  (``test_modifier.nan_weights``). Stock ties computes in the input dtype, so
+  (``support.nan_weights``). Stock ties computes in the input dtype, so
   the reference does too; the composite's coefficients are float32, so the
   admissible error is a weight differing in its last bit: 2e-6 in float32,
   ``finfo(dtype).eps`` in half precision.
@@ -33,13 +33,19 @@ from typing import Dict, List
 import pytest
 import torch
 from compat_models import ARCHITECTURES, Family
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import merge_tensors
 from mergekit.options import MergeOptions
-from test_method import expected_merge
-from test_modifier import nan_weights, relative_error, report
+from support import (
+    build_recipe,
+    load_model_tensors,
+    nan_merge,
+    nan_weights,
+    relative_error,
+    report,
+    run_mergekit_yaml,
+)
 
 METHODS = ("nan", "ties+nan", "dare_ties+nan")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,19 +80,12 @@ CELLS = [
 ]
 
 
-def recipe(method: str, family: Family, dtype: str, weights=None) -> Dict:
+def cell_recipe(method: str, family: Family, dtype: str, weights=None) -> Dict:
     """``method`` on the family; ``weights[i]`` is fine-tune i's ``weight`` setting."""
-    models = [{"model": str(p)} for p in family.tuned]
-    if weights is not None:
-        for model, setting in zip(models, weights):
-            model["parameters"] = {"weight": setting}
-    return {
-        "merge_method": method,
-        "base_model": str(family.base),
-        "models": models,
-        "parameters": {} if method == "nan" else {"density": DENSITY},
-        "dtype": dtype,
-    }
+    parameters = {} if method == "nan" else {"density": DENSITY}
+    return build_recipe(
+        family.tuned, method, base=family.base, weights=weights, parameters=parameters, dtype=dtype
+    )
 
 
 def seed_arguments(method: str) -> List[str]:
@@ -103,7 +102,7 @@ def stock_dare_ties(family: Family, dtype: str, out: Path) -> Dict[str, torch.Te
     for name in names:
         for setting, weight in zip(settings, nan_weights([m[name] for m in tuned], base[name])):
             setting.append({"filter": name, "value": weight})
-    config = MergeConfiguration.model_validate(recipe("dare_ties", family, dtype, settings))
+    config = MergeConfiguration.model_validate(cell_recipe("dare_ties", family, dtype, settings))
     options = MergeOptions(
         random_seed=SEED, copy_tokenizer=False, write_model_card=False, quiet=True
     )
@@ -119,7 +118,7 @@ def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.T
     for name, tensor in base.items():
         others = [m[name] for m in tuned]
         if cell.method == "nan":
-            expected[name] = expected_merge(others, tensor)
+            expected[name] = nan_merge(others, tensor)
         else:
             expected[name] = merge_tensors(
                 [tensor, *others],
@@ -134,7 +133,9 @@ def expected_tensors(cell: Cell, family: Family, out: Path) -> Dict[str, torch.T
 def test_matrix_cell(cell, tiny_families, tmp_path, record_property):
     family = tiny_families.get(cell.arch, cell.torch_dtype)
     out = tmp_path / str(cell)
-    run_mergekit_yaml(recipe(cell.method, family, cell.dtype), out, *seed_arguments(cell.method))
+    run_mergekit_yaml(
+        cell_recipe(cell.method, family, cell.dtype), out, *seed_arguments(cell.method)
+    )
     merged = load_model_tensors(out)
     base = load_model_tensors(family.base)
     # exactly the checkpoint's tensors: tied models get no lm_head

@@ -2,8 +2,8 @@
 
 Each test checks one stock-command run on tiny random checkpoints
 (``compat_models``) against an independent computation: the float64 ``nan``
-formula (``test_method.expected_merge``) or the stock method given float64 NAN
-weights (``test_modifier.nan_weights``). All runs are float32, so the
+formula (``support.nan_merge``) or the stock method given float64 NAN
+weights (``support.nan_weights``). All runs are float32, so the
 tolerances are those of float32 coefficients: 1e-6 for ``nan``, 2e-6 for
 ``ties+nan``. Each test records and prints its max relative error.
 """
@@ -24,26 +24,25 @@ from compat_models import (
     Families,
     checkpoint_tensors,
 )
-from conftest import run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
-from stock import run_command
-from test_method import expected_merge
-from test_modifier import nan_weights, relative_error, report
+from support import (
+    build_recipe,
+    nan_merge,
+    nan_weights,
+    relative_error,
+    report,
+    run_command,
+    run_mergekit_yaml,
+)
 
 NAN_TOLERANCE = 1e-6
 TIES_TOLERANCE = 2e-6
 DENSITY = 0.5
 
 
-def recipe(method: str, base: Path, tuned: Sequence[Path], **extra) -> Dict:
-    return {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in tuned],
-        "parameters": {} if method == "nan" else {"density": DENSITY},
-        "dtype": "float32",
-        **extra,
-    }
+def paths_recipe(method: str, base: Path, tuned: Sequence[Path], **extra) -> Dict:
+    parameters = {} if method == "nan" else {"density": DENSITY}
+    return build_recipe(tuned, method, base=base, parameters=parameters, **extra)
 
 
 def ties_reference(base: torch.Tensor, tuned: List[torch.Tensor]) -> torch.Tensor:
@@ -67,19 +66,19 @@ def worst_error(errors: Dict[str, float], label: str, record_property) -> float:
 
 def union_run(families: Families, out: Path) -> Callable:
     family = families.with_added_tokens("llama")
-    config = recipe("nan", family.base, family.tuned, tokenizer_source="union")
+    config = paths_recipe("nan", family.base, family.tuned, tokenizer_source="union")
     return lambda: run_mergekit_yaml(config, out, copy_tokenizer=True)
 
 
 def base_tokenizer_run(families: Families, out: Path) -> Callable:
     family = families.with_added_tokens("qwen2")
-    config = recipe("ties+nan", family.base, family.tuned, tokenizer_source="base")
+    config = paths_recipe("ties+nan", family.base, family.tuned, tokenizer_source="base")
     return lambda: run_mergekit_yaml(config, out, copy_tokenizer=True)
 
 
 def pickle_run(families: Families, out: Path) -> Callable:
     family = families.get("mistral", layout="bin")
-    config = recipe("nan", family.base, family.tuned)
+    config = paths_recipe("nan", family.base, family.tuned)
     return lambda: run_mergekit_yaml(config, out, "--lazy-unpickle")
 
 
@@ -88,7 +87,7 @@ OUT_SHARD_SIZE = "20K"
 
 def shards_run(families: Families, out: Path) -> Callable:
     family = families.get("qwen3", layout="sharded")
-    config = recipe("ties+nan", family.base, family.tuned)
+    config = paths_recipe("ties+nan", family.base, family.tuned)
     return lambda: run_mergekit_yaml(config, out, "--out-shard-size", OUT_SHARD_SIZE)
 
 
@@ -114,8 +113,8 @@ def multi_run(families: Families, out: Path) -> Callable:
     """Stage ``ties_stage`` (ties+nan of ft0, ft1) feeds the final ``nan`` stage with ft2."""
     family = families.get("phi3")
     base, ft0, ft1, ft2 = family.paths
-    stage = {"name": "ties_stage", **recipe("ties+nan", base, [ft0, ft1])}
-    final = recipe("nan", base, [ft2])
+    stage = {"name": "ties_stage", **paths_recipe("ties+nan", base, [ft0, ft1])}
+    final = paths_recipe("nan", base, [ft2])
     final["models"].insert(0, {"model": "ties_stage"})
     out.mkdir(parents=True)
     config = out / "multi.yml"
@@ -188,7 +187,7 @@ def test_tokenizer_union(path_runs, tiny_families, record_property):
             donor = tuned[-1][name][[VOCAB + ADDED_TOKENS.index(t) for t in ADDED_TOKENS]]
             assert torch.isfinite(tensor[added]).all(), name
             torch.testing.assert_close(tensor[added], donor, rtol=0, atol=1e-7)
-        expected = expected_merge([m[name][:rows] for m in tuned], base[name][:rows])
+        expected = nan_merge([m[name][:rows] for m in tuned], base[name][:rows])
         errors[name] = relative_error(tensor[:rows], expected)
     assert worst_error(errors, "tokenizer_source: union, nan", record_property) < NAN_TOLERANCE
 
@@ -225,7 +224,7 @@ def test_pytorch_bin_with_lazy_unpickle(path_runs, tiny_families, record_propert
     merged = checkpoint_tensors(out)
     assert set(merged) == set(base)
     errors = {
-        name: relative_error(tensor, expected_merge([m[name] for m in tuned], base[name]))
+        name: relative_error(tensor, nan_merge([m[name] for m in tuned], base[name]))
         for name, tensor in merged.items()
     }
     label = "pytorch_model.bin inputs, --lazy-unpickle, nan"
@@ -275,9 +274,7 @@ def test_frankenmerge_slices(path_runs, tiny_families, record_property):
     errors = {}
     for name, tensor in merged.items():
         source = source_layer(name)
-        errors[name] = relative_error(
-            tensor, expected_merge([m[source] for m in tuned], base[source])
-        )
+        errors[name] = relative_error(tensor, nan_merge([m[source] for m in tuned], base[source]))
     assert worst_error(errors, "slices frankenmerge (gpt2), nan", record_property) < NAN_TOLERANCE
 
 
@@ -294,7 +291,7 @@ def test_mergekit_multi_ties_stage_feeds_nan(path_runs, tiny_families, record_pr
         for name in base
     }
     final_errors = {
-        name: relative_error(final[name], expected_merge([stage[name], ft2[name]], base[name]))
+        name: relative_error(final[name], nan_merge([stage[name], ft2[name]], base[name]))
         for name in base
     }
     label = "mergekit-multi (phi3)"

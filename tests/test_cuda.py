@@ -16,12 +16,9 @@ from typing import List
 
 import pytest
 import torch
-import yaml
-from click.testing import CliRunner
-from conftest import load_model_tensors, run_mergekit_yaml
+from support import family_recipe, load_model_tensors, run_command, run_mergekit_yaml, write_recipe
 
 from mergekit_nan.coefficients import NORM_CHUNK_ELEMENTS, frobenius_norms, tensor_coefficients
-from mergekit_nan.commands.cli import main
 
 pytestmark = [
     pytest.mark.cuda,
@@ -70,14 +67,7 @@ def test_coefficients_on_cuda_equal_cpu(dtype, exponent, prior):
 
 
 def yaml_recipe(method: str, family: List[Path]) -> dict:
-    base, *tuned = family
-    return {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(p)} for p in tuned],
-        "parameters": {} if method == "nan" else {"density": 0.5},
-        "dtype": "float32",
-    }
+    return family_recipe(family, method, **({} if method == "nan" else {"density": 0.5}))
 
 
 @pytest.mark.parametrize("method", ["nan", "ties+nan"])
@@ -95,13 +85,13 @@ def test_mergekit_yaml_cuda_equals_cpu(method, family, tmp_path):
 
 def test_inspect_cuda_equals_cpu(family, tmp_path):
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(yaml_recipe("ties+nan", family)))
+    write_recipe(recipe, yaml_recipe("ties+nan", family))
     tables = {}
     for device, flags in (("cpu", []), ("cuda", ["--cuda"])):
         out = tmp_path / f"{device}.json"
         arguments = ["inspect", str(recipe), "-q", "--json", str(out), *flags]
-        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        result = run_command("mergekit-nan", *arguments)
+        assert result.returncode == 0, result.stderr
         tables[device] = json.loads(out.read_text())
     cpu, cuda = tables["cpu"]["tensors"], tables["cuda"]["tensors"]
     assert [t["name"] for t in cuda] == [t["name"] for t in cpu]
@@ -114,15 +104,15 @@ def test_inspect_cuda_equals_cpu(family, tmp_path):
 def test_compare_cuda_equals_cpu(family, tmp_path):
     """Merged and scored on the GPU (norms shared between candidates), the CPU's numbers."""
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(yaml_recipe("nan", family)))
+    write_recipe(recipe, yaml_recipe("nan", family))
     (tmp_path / "a.txt").write_text("w3 w4 w5 w6 w7\nw8 w9 w10\nw11 w12 w13 w14\n")
     found = {}
     for device, flags in (("cpu", []), ("cuda", ["--cuda"])):
         out = tmp_path / f"{device}.json"
         arguments = ["compare", str(recipe), "--data", str(tmp_path / "a.txt"), "-q",
                      "--exponent", "-1", "--granularity", "layer", "--json", str(out), *flags]  # fmt: skip
-        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        result = run_command("mergekit-nan", *arguments)
+        assert result.returncode == 0, result.stderr
         found[device] = json.loads(out.read_text())["candidates"]
     assert [c["label"] for c in found["cuda"]] == [c["label"] for c in found["cpu"]]
     for on_cuda, on_cpu in zip(found["cuda"], found["cpu"]):
@@ -135,15 +125,15 @@ def test_compare_cuda_equals_cpu(family, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
 def test_multi_gpu_merge_and_inspect_equal_cpu(family, tmp_path):
     recipe = tmp_path / "recipe.yml"
-    recipe.write_text(yaml.safe_dump(yaml_recipe("nan", family)))
+    write_recipe(recipe, yaml_recipe("nan", family))
     common = ["--no-copy-tokenizer", "--no-write-model-card"]
     for name, flags in (("cpu", []), ("gpus", ["--multi-gpu", "--cuda"])):
         arguments = ["merge", str(recipe), str(tmp_path / name), *common, *flags]
-        result = CliRunner().invoke(main, arguments, catch_exceptions=False)
-        assert result.exit_code == 0, result.output
+        result = run_command("mergekit-nan", *arguments)
+        assert result.returncode == 0, result.stderr
         out = tmp_path / f"{name}.json"
         arguments = ["inspect", str(recipe), "-q", "--json", str(out), *flags]
-        assert CliRunner().invoke(main, arguments, catch_exceptions=False).exit_code == 0
+        assert run_command("mergekit-nan", *arguments).returncode == 0
     cpu, gpus = load_model_tensors(tmp_path / "cpu"), load_model_tensors(tmp_path / "gpus")
     for name, tensor in gpus.items():
         expected = cpu[name].double()

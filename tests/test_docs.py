@@ -2,7 +2,7 @@
 
 Each page runs in a directory of its own, top to bottom: a YAML block whose first
 line is ``# NAME.yml`` is written to that file, a shell block runs line by line
-(the installed console scripts in this process, through ``stock.run_command``;
+(the installed console scripts in this process, through ``support.run_command``;
 ``python -m pytest`` in the repository, anything else in ``bash``), a Python block
 is executed. Every command must exit 0.
 Two kinds of line run elsewhere, on purpose: the README's setup commands (a fresh
@@ -18,45 +18,17 @@ import os
 import re
 import shlex
 import subprocess
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterator, List
+from typing import Iterator
 
 import pytest
-from stock import run_command
+from support import DOCUMENTED, REPO, blocks, commands, run_command
 
-REPO = Path(__file__).resolve().parent.parent
 PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SCRIPTS = {entry.name for entry in entry_points(group="console_scripts")}
 SETUP = "python3 -m venv .venv"
 BENCHMARK = "python benchmarks/"
-OPERATORS = {"&&", "||", "|", ";"}
-
-
-@dataclass(frozen=True)
-class Block:
-    language: str
-    text: str
-    line: int
-
-
-def blocks(page: Path) -> List[Block]:
-    """The fenced code blocks of a Markdown page, in order."""
-    found = []
-    pattern = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```$", re.S | re.M)
-    text = page.read_text()
-    for match in pattern.finditer(text):
-        found.append(Block(match.group(1), match.group(2), text[: match.start()].count("\n") + 1))
-    return found
-
-
-def commands(block: Block) -> Iterator[str]:
-    """The command lines of a shell block (continuations joined, comments dropped)."""
-    for line in block.text.replace("\\\n", " ").splitlines():
-        words = shlex.split(line, comments=True)
-        if words:
-            yield " ".join(word if word in OPERATORS else shlex.quote(word) for word in words)
 
 
 def elsewhere(command: str) -> bool:
@@ -119,8 +91,6 @@ def test_the_setup_commands_are_ci_and_the_packaging_test():
 
 
 def test_every_benchmark_line_is_run_by_the_benchmark_tests():
-    from test_benchmarks import DOCUMENTED
-
     documented = [
         command
         for page in PAGES

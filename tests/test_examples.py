@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import load_model_tensors
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.merge_methods import get
 from mergekit.options import MergeOptions
+from support import load_model_tensors
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "example_configs"
 METHODS = ("nan", "linear+nan", "task_arithmetic+nan", "ties+nan", "dare_ties+nan", "della+nan")

@@ -8,6 +8,7 @@ hook or the plugin.
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -17,26 +18,23 @@ from typing import Dict, List
 
 import pytest
 import yaml
-from conftest import run_mergekit_yaml
-from stock import run_command
+from support import build_recipe, run_command, run_mergekit_yaml
 
 from mergekit_nan.doctor import guard
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def recipe(family: List[Path], method: str, *, base: bool = True, **parameters) -> Dict:
+def guard_recipe(family: List[Path], method: str, *, base: bool = True, **parameters) -> Dict:
+    """``method`` over the fine-tunes, each with weight 1.0; the base unless ``base=False``."""
     base_path, *tuned = family
-    config: Dict = {
-        "merge_method": method,
-        "models": [{"model": str(p), "parameters": {"weight": 1.0}} for p in tuned],
-        "dtype": "float32",
-    }
-    if base:
-        config["base_model"] = str(base_path)
-    if parameters:
-        config["parameters"] = parameters
-    return config
+    return build_recipe(
+        tuned,
+        method,
+        base=base_path if base else None,
+        weights=[1.0] * len(tuned),
+        parameters=parameters,
+    )
 
 
 def plugin_lines(stderr: str) -> List[str]:
@@ -46,7 +44,7 @@ def plugin_lines(stderr: str) -> List[str]:
 
 
 def test_forgotten_plus_nan_is_logged_and_the_stock_merge_still_runs(family, tmp_path):
-    config = recipe(family, "ties", nan_exponent=2.0, density=0.5)
+    config = guard_recipe(family, "ties", nan_exponent=2.0, density=0.5)
     out = tmp_path / "merged"
     result = run_mergekit_yaml(config, out)
     assert (out / "config.json").exists()
@@ -56,7 +54,7 @@ def test_forgotten_plus_nan_is_logged_and_the_stock_merge_still_runs(family, tmp
 
 
 def test_a_parameter_typo_is_logged_once_with_its_suggestion(family, tmp_path):
-    config = recipe(family, "nan", nan_exponet=2.0)
+    config = guard_recipe(family, "nan", nan_exponet=2.0)
     for model in config["models"]:
         del model["parameters"]
     out = tmp_path / "merged"
@@ -68,7 +66,7 @@ def test_a_parameter_typo_is_logged_once_with_its_suggestion(family, tmp_path):
 
 
 def test_mergekit_multi_logs_the_warnings_of_its_stages(family, tmp_path):
-    stage = recipe(family, "ties", nan_norm="weights", density=0.5)
+    stage = guard_recipe(family, "ties", nan_norm="weights", density=0.5)
     config = tmp_path / "multi.yml"
     config.write_text(yaml.safe_dump({"name": "stage", **stage}))
     result = run_command(
@@ -81,23 +79,32 @@ def test_mergekit_multi_logs_the_warnings_of_its_stages(family, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "work" / "stage" / "config.json").exists()
     assert any("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr))
+    # Checked up front and again by the stage's run_merge: said once.
+    assert sum("did you mean `ties+nan`?" in x for x in plugin_lines(result.stderr)) == 1
 
 
 ERRORS = {
     "zero-total": (
-        lambda f: recipe(f, "linear+nan", base=False) | {"models": _weights(f, [1.0, -1.0, 0.0])},
+        lambda f: (
+            guard_recipe(f, "linear+nan", base=False) | {"models": _weights(f, [1.0, -1.0, 0.0])}
+        ),
         "weight",
     ),
     "partial-weights": (
-        lambda f: recipe(f, "ties+nan", density=0.5) | {"models": _weights(f, [1.0, None, 1.0])},
+        lambda f: (
+            guard_recipe(f, "ties+nan", density=0.5) | {"models": _weights(f, [1.0, None, 1.0])}
+        ),
         "weight",
     ),
-    "delta-without-base": (lambda f: recipe(f, "nan", base=False, nan_norm="delta"), "base"),
-    "overflowing-lambda": (lambda f: recipe(f, "nan", **{"lambda": 1.0e300}), "lambda"),
-    "granularity": (lambda f: recipe(f, "nan", nan_granularity="model"), "mergekit-nan merge"),
+    "delta-without-base": (lambda f: guard_recipe(f, "nan", base=False, nan_norm="delta"), "base"),
+    "overflowing-lambda": (lambda f: guard_recipe(f, "nan", **{"lambda": 1.0e300}), "lambda"),
+    "granularity": (
+        lambda f: guard_recipe(f, "nan", nan_granularity="model"),
+        "mergekit-nan merge",
+    ),
     "zero-priors-by-filter": (
         lambda f: (
-            recipe(f, "nan")
+            guard_recipe(f, "nan")
             | {"models": _weights(f, [[{"filter": "mlp", "value": 0.0}, {"value": 1.0}]] * 3)}
         ),
         "mlp",
@@ -146,7 +153,7 @@ def _without_plugin(config_path: Path, out: Path) -> subprocess.CompletedProcess
 def test_a_plain_stock_recipe_is_untouched_byte_for_byte(family, tmp_path):
     # The model card names the output directory and lists the models in set order,
     # which mergekit does not fix from run to run: its lines are compared as a multiset.
-    config = recipe(family, "ties", density=0.5)
+    config = guard_recipe(family, "ties", density=0.5)
     with_plugin = tmp_path / "with" / "merged"
     result = run_mergekit_yaml(config, with_plugin)
     assert plugin_lines(result.stderr) == []
@@ -168,9 +175,48 @@ class _MovedPlanner:
     config = None
 
 
-def test_the_guard_falls_silent_when_mergekit_internals_move(caplog):
+@pytest.mark.guard_skips
+def test_the_guard_falls_silent_when_mergekit_internals_move(caplog, guard_skips):
     assert guard._start(_MovedPlanner()) is None
-    assert caplog.records == [] or all(r.levelname == "DEBUG" for r in caplog.records)
+    # Below mergekit's default WARNING level: shown only with -v.
+    assert caplog.records == [] or all(r.levelno < logging.WARNING for r in caplog.records)
+    (skipped,) = guard_skips
+    assert skipped.startswith("mergekit-nan: the recipe guard skipped the recipe's checks before")
+    assert "AttributeError" in skipped and "model_dump" in skipped
+
+
+def _stock_command_whose_check_fails(config_path: Path, out: Path, *extra: str):
+    """mergekit-yaml in a new interpreter, with ``mergekit-nan check`` broken as if mergekit moved."""
+    program = (
+        "import sys\n"
+        "from mergekit_nan.doctor import check\n"
+        "def moved(*args, **kwargs):\n"
+        "    raise AttributeError('mergekit moved')\n"
+        "check.check_recipe = moved\n"
+        "from mergekit.scripts.run_yaml import main\n"
+        "from mergekit_nan.doctor.guard import install_guard\n"
+        "install_guard()\n"
+        "main(sys.argv[1:])\n"
+    )
+    arguments = [str(config_path), str(out), "--no-copy-tokenizer", *extra]
+    return subprocess.run(
+        [sys.executable, "-c", program, *arguments], capture_output=True, text=True, env=ENV
+    )
+
+
+def test_with_v_the_stock_command_says_which_checks_the_guard_skipped(family, tmp_path):
+    path = tmp_path / "nan.yml"
+    path.write_text(yaml.safe_dump(guard_recipe(family, "nan")))
+    quiet = _stock_command_whose_check_fails(path, tmp_path / "quiet")
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    assert plugin_lines(quiet.stderr) == []
+    verbose = _stock_command_whose_check_fails(path, tmp_path / "verbose", "-v")
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    assert plugin_lines(verbose.stderr) == [
+        "INFO:mergekit_nan:mergekit-nan: the recipe guard skipped the recipe's checks before "
+        "the merge (AttributeError: mergekit moved)"
+    ]
+    assert (tmp_path / "verbose" / "config.json").exists()
 
 
 def test_installing_the_guard_twice_wraps_the_planner_once():
@@ -185,7 +231,7 @@ def test_installing_the_guard_twice_wraps_the_planner_once():
 
 def test_mergekit_nan_merge_reports_each_finding_once(family, tmp_path):
     """merge runs the checks itself, then merges with the guard suspended."""
-    config = recipe(family, "nan", nan_exponet=2.0)
+    config = guard_recipe(family, "nan", nan_exponet=2.0)
     path = tmp_path / "typo.yml"
     path.write_text(yaml.safe_dump(config))
     out = tmp_path / "merged"

@@ -7,25 +7,14 @@ fed to the stock method with independently computed NAN weights.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.merge_methods import merge_tensors
 from safetensors.torch import load_file
+from support import load_model_tensors, nan_weights, run_mergekit_yaml
 
 RANK, ALPHA = 4, 8
 TARGETS = ("q_proj", "v_proj")
-
-
-def nan_weights(tensors, base, total=1.0):
-    """total * ||x_i||^-1 / sum_j ||x_j||^-1 in float64; zero task vectors get 0."""
-    inverse = []
-    for tensor in tensors:
-        norm = math.sqrt(float(((tensor.double() - base.double()) ** 2).sum()))
-        inverse.append(1.0 / norm if norm > 0 else 0.0)
-    return [total * value / sum(inverse) for value in inverse]
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import Callable, Dict
 
 import pytest
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from stock import run_command
+from support import build_recipe, run_command, write_recipe
 
 from mergekit_nan.doctor.model_files import collect_models
 from mergekit_nan.doctor.safetensors_header import HeaderError, read_safetensors_header
@@ -108,22 +107,13 @@ def corrupted(family, tmp_path) -> Callable[[str], Path]:
     return make
 
 
-def nan_recipe(family, broken: Path, path: Path) -> Path:
-    config = {
-        "merge_method": "nan",
-        "base_model": str(family[0]),
-        "models": [{"model": str(family[1])}, {"model": str(broken)}],
-        "dtype": "float32",
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_check_and_the_stock_command_name_the_file(case, family, corrupted, tmp_path):
     broken = corrupted(case)
     words = CASES[case][1]
-    recipe = nan_recipe(family, broken, tmp_path / "recipe.yml")
+    recipe = write_recipe(
+        tmp_path / "recipe.yml", build_recipe([family[1], broken], base=family[0])
+    )
     checked = run_command("mergekit-nan", "check", str(recipe))
     assert checked.returncode == 1 and "Traceback" not in checked.stderr
     (error,) = [x for x in checked.stdout.splitlines() if x.startswith("error: ")]
@@ -144,7 +134,9 @@ def test_an_index_naming_a_missing_shard(tiny_families, tmp_path):
     shutil.copytree(family.tuned[0], broken)
     shard = sorted(broken.glob("*.safetensors"))[1]
     shard.unlink()
-    recipe = nan_recipe(family.paths, broken, tmp_path / "recipe.yml")
+    recipe = write_recipe(
+        tmp_path / "recipe.yml", build_recipe([family.paths[1], broken], base=family.paths[0])
+    )
     checked = run_command("mergekit-nan", "check", str(recipe))
     (error,) = [x for x in checked.stdout.splitlines() if x.startswith("error: ")]
     assert f"shard {shard.name} listed in its index is missing" in error

@@ -15,39 +15,28 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import run_mergekit_yaml
 from safetensors.torch import load_file, save_file
-from stock import STALL_MARKER, run_command, start_child, wait_for
-from test_safety import snapshot
+from support import (
+    STALL_MARKER,
+    build_recipe,
+    run_merge,
+    run_mergekit_yaml,
+    snapshot,
+    start_child,
+    wait_for,
+    write_recipe,
+)
 
-from mergekit_nan.commands.common.options import STOCK_ONLY
 from mergekit_nan.commands.common.output import leftovers
 
 
 def stock_recipe(family: List[Path], method: str, **parameters) -> Dict:
+    """``method`` over the fine-tunes with weights 0.5/0.3/0.2 (and ``parameters``) on each."""
     base, *tuned = family
-    config: Dict = {
-        "merge_method": method,
-        "models": [
-            {"model": str(path), "parameters": {"weight": weight, **parameters}}
-            for path, weight in zip(tuned, (0.5, 0.3, 0.2))
-        ],
-        "dtype": "float32",
-    }
-    if method != "linear":
-        config["base_model"] = str(base)
+    config = build_recipe(tuned, method, base=None if method == "linear" else base)
+    for entry, weight in zip(config["models"], (0.5, 0.3, 0.2)):
+        entry["parameters"] = {"weight": weight, **parameters}
     return config
-
-
-def write(config: object, path: Path) -> Path:
-    path.write_text(config if isinstance(config, str) else yaml.safe_dump(config))
-    return path
-
-
-def merge(recipe: Path, out: Path, *extra: str, check: bool = True):
-    return run_command(
-        "mergekit-nan", "merge", str(recipe), str(out), "--no-copy-tokenizer", *extra, check=check
-    )
 
 
 def model_bytes(out: Path) -> Dict[str, bytes]:
@@ -71,9 +60,9 @@ def test_a_stock_recipe_merges_bit_identical_to_mergekit_yaml(case, family, tmp_
     parameters, extra = CASES[case]
     method = case.split(",")[0]
     config = stock_recipe(family, method, **parameters)
-    recipe = write(config, tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", config)
     options = ("--random-seed", "7", *extra)
-    result = merge(recipe, tmp_path / "ours", *options)
+    result = run_merge(recipe, tmp_path / "ours", *options)
     assert result.stdout.strip().splitlines()[-1] == f"Merged {recipe} into {tmp_path / 'ours'}"
     run_mergekit_yaml(config, tmp_path / "stock", *options)
     ours, theirs = model_bytes(tmp_path / "ours"), model_bytes(tmp_path / "stock")
@@ -93,9 +82,9 @@ def test_a_stock_recipe_merges_bit_identical_to_mergekit_yaml(case, family, tmp_
 
 def test_stock_writing_options_carry_over(family, tmp_path):
     config = stock_recipe(family, "linear")
-    recipe = write(config, tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", config)
     options = ("--no-safe-serialization", "--clone-tensors", "--write-threads", "2")
-    merge(recipe, tmp_path / "ours", *options)
+    run_merge(recipe, tmp_path / "ours", *options)
     run_mergekit_yaml(config, tmp_path / "stock", *options)
     ours = model_bytes(tmp_path / "ours")
     assert any(name.endswith(".bin") for name in ours)  # pickled, as asked
@@ -103,25 +92,11 @@ def test_stock_writing_options_carry_over(family, tmp_path):
     assert ours["config.json"] == model_bytes(tmp_path / "stock")["config.json"]
 
 
-def test_the_stock_only_options_are_mergekits_own():
-    from mergekit.options import MergeOptions
-
-    from mergekit_nan.commands.merge.command import merge_command
-
-    fields = MergeOptions.model_fields
-    given = {parameter.name: parameter for parameter in merge_command.params}
-    for name in STOCK_ONLY:
-        assert name in fields, name
-        assert given[name].default == fields[name].default, name
-    # Every field of mergekit's options is an option of merge (verbosity is -v/--verbose).
-    assert set(fields) - set(given) == {"verbosity"}
-
-
 def test_an_input_is_refused_as_output_for_a_stock_recipe(family, tmp_path):
     config = stock_recipe(family, "ties", density=0.5)
-    recipe = write(config, tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", config)
     before = snapshot(*family)
-    result = merge(recipe, family[0], "--overwrite", check=False)
+    result = run_merge(recipe, family[0], "--overwrite", check=False)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: ")
@@ -133,9 +108,9 @@ def test_a_stock_recipe_that_writes_nan_is_refused_before_anything_is_written(fa
     config = stock_recipe(family, "linear")
     config["models"][1]["parameters"]["weight"] = -0.5
     config["models"][2]["parameters"]["weight"] = 0.0
-    recipe = write(config, tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", config)
     out = tmp_path / "merged"
-    result = merge(recipe, out, check=False)
+    result = run_merge(recipe, out, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: models: the weights of ")
@@ -154,9 +129,9 @@ def test_nan_values_in_a_checkpoint_stop_a_stock_merge_naming_the_tensor(family,
     state["model.norm.weight"][2] = float("inf")
     save_file(state, poisoned / "model.safetensors", metadata={"format": "pt"})
     config = stock_recipe([family[0], poisoned, family[2]], "linear")
-    recipe = write(config, tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", config)
     out = tmp_path / "merged"
-    result = merge(recipe, out, check=False)
+    result = run_merge(recipe, out, check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
     assert "merged tensor 'model.norm.weight' has 1 NaN/Inf values of" in last
@@ -165,11 +140,11 @@ def test_nan_values_in_a_checkpoint_stop_a_stock_merge_naming_the_tensor(family,
 
 
 def test_a_killed_stock_re_merge_leaves_the_earlier_model_whole(family, tmp_path):
-    recipe = write(stock_recipe(family, "ties", density=0.5), tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", stock_recipe(family, "ties", density=0.5))
     earlier = tmp_path / "merged"
-    merge(recipe, earlier, "--out-shard-size", "20K")
+    run_merge(recipe, earlier, "--out-shard-size", "20K")
     before = snapshot(earlier)
-    other = write(stock_recipe(family, "linear"), tmp_path / "other.yml")
+    other = write_recipe(tmp_path / "other.yml", stock_recipe(family, "linear"))
     arguments = ["merge", str(other), str(earlier), "--no-copy-tokenizer", "--overwrite"]
     child = start_child(
         "mergekit-nan", *arguments, "--out-shard-size", "20K", cwd=tmp_path, stall_dir=tmp_path
@@ -183,9 +158,9 @@ def test_a_killed_stock_re_merge_leaves_the_earlier_model_whole(family, tmp_path
 
 
 def test_granularity_and_save_frozen_are_refused_on_a_stock_recipe(family, tmp_path):
-    recipe = write(stock_recipe(family, "linear"), tmp_path / "recipe.yml")
+    recipe = write_recipe(tmp_path / "recipe.yml", stock_recipe(family, "linear"))
     for option in (("--granularity", "layer"), ("--save-frozen", str(tmp_path / "f.yml"))):
-        result = merge(recipe, tmp_path / "merged", *option, check=False)
+        result = run_merge(recipe, tmp_path / "merged", *option, check=False)
         assert result.returncode == 1
         last = result.stderr.strip().splitlines()[-1]
         assert f"Error: {option[0]} applies only to NAN recipes" in last
@@ -198,7 +173,7 @@ def test_a_multi_document_recipe_gets_a_message_that_says_what_to_do(family, tmp
     final = stock_recipe(family, "linear")
     recipe = tmp_path / "multi.yml"
     recipe.write_text(yaml.safe_dump_all([stage, final]))
-    result = merge(recipe, tmp_path / "merged", check=False)
+    result = run_merge(recipe, tmp_path / "merged", check=False)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == (
         f"Error: {recipe} holds 2 recipes (a mergekit-multi file); mergekit-nan merge merges "

@@ -2,38 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_model_tensors, run_mergekit_yaml
 from mergekit.merge_methods import merge_state_dicts, merge_tensors
-from stock import run_command
+from support import load_model_tensors, nan_merge, relative_error, run_command, run_mergekit_yaml
 
 import mergekit_nan  # noqa: F401  (registers the methods in this process)
 from mergekit_nan.errors import RecipeError
-
-
-def expected_merge(tuned, base=None, *, exponent=1.0, lam=1.0, prior=None, norm="auto"):
-    """float64 NAN merge written out from the formula, independent of the plugin."""
-    tuned = [t.double() for t in tuned]
-    base = base.double() if base is not None else None
-    use_delta = base is not None and norm != "weights"
-    xs = [t - base if use_delta else t for t in tuned]
-    norms = [math.sqrt(float((x * x).sum())) for x in xs]
-    prior = prior or [1.0] * len(tuned)
-    scores = [w * n ** (-exponent) if n > 0 else 0.0 for w, n in zip(prior, norms)]
-    if sum(scores) == 0:
-        scores = list(prior)
-    alpha = [s / sum(scores) for s in scores]
-    if base is None:
-        return sum(a * t for a, t in zip(alpha, tuned))
-    return base + lam * sum(a * (t - base) for a, t in zip(alpha, tuned))
-
-
-def rel_err(actual, expected):
-    return float((actual.double() - expected).abs().max() / expected.abs().max())
 
 
 def group(seed=0, shape=(48, 24), scales=(0.01, 0.02, 0.05)):
@@ -59,26 +36,26 @@ def group(seed=0, shape=(48, 24), scales=(0.01, 0.02, 0.05)):
 def test_merge_tensors_with_base(params):
     base, tuned = group(1)
     result = merge_tensors([base, *tuned], "nan", base_index=0, parameters=params)
-    expected = expected_merge(
+    expected = nan_merge(
         tuned,
         base,
         exponent=params.get("nan_exponent", 1.0),
         lam=params.get("lambda", 1.0),
-        prior=params.get("weight"),
+        priors=params.get("weight"),
         norm=params.get("nan_norm", "auto"),
     )
     assert result.dtype == torch.float32
-    assert rel_err(result, expected) < 1e-6
+    assert relative_error(result, expected) < 1e-6
 
 
 @pytest.mark.parametrize("params", [{}, {"nan_exponent": 2.0}, {"weight": [1.0, 3.0, 1.0]}])
 def test_merge_tensors_without_base(params):
     _, tuned = group(2)
     result = merge_tensors(tuned, "nan", parameters=params)
-    expected = expected_merge(
-        tuned, exponent=params.get("nan_exponent", 1.0), prior=params.get("weight")
+    expected = nan_merge(
+        tuned, exponent=params.get("nan_exponent", 1.0), priors=params.get("weight")
     )
-    assert rel_err(result, expected) < 1e-6
+    assert relative_error(result, expected) < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -87,8 +64,8 @@ def test_half_precision_merge_is_computed_in_float32(dtype):
     inputs = [t.to(dtype) for t in (base, *tuned)]
     result = merge_tensors(inputs, "nan", base_index=0)
     assert result.dtype == dtype
-    expected = expected_merge(inputs[1:], inputs[0])
-    assert rel_err(result, expected) < 2 * torch.finfo(dtype).eps
+    expected = nan_merge(inputs[1:], inputs[0])
+    assert relative_error(result, expected) < 2 * torch.finfo(dtype).eps
 
 
 def test_float64_inputs_merge_in_float64():
@@ -96,14 +73,14 @@ def test_float64_inputs_merge_in_float64():
     inputs = [t.double() for t in (base, *tuned)]
     result = merge_tensors(inputs, "nan", base_index=0)
     assert result.dtype == torch.float64
-    assert rel_err(result, expected_merge(inputs[1:], inputs[0])) < 1e-13
+    assert relative_error(result, nan_merge(inputs[1:], inputs[0])) < 1e-13
 
 
 def test_zero_task_vector_gets_no_weight_and_all_zero_returns_base():
     base, tuned = group(5)
     tuned[0] = base.clone()
     result = merge_tensors([base, *tuned], "nan", base_index=0)
-    assert rel_err(result, expected_merge(tuned, base)) < 1e-6
+    assert relative_error(result, nan_merge(tuned, base)) < 1e-6
     same = merge_tensors([base, base.clone(), base.clone()], "nan", base_index=0)
     assert torch.equal(same, base)
 
@@ -117,7 +94,7 @@ def test_merge_state_dicts_copies_non_float_buffers():
     }
     merged = merge_state_dicts(models, "nan", base="base")
     assert torch.equal(merged["steps"], steps)
-    assert rel_err(merged["w"], expected_merge(tuned, base)) < 1e-6
+    assert relative_error(merged["w"], nan_merge(tuned, base)) < 1e-6
 
 
 def test_non_finite_input_names_tensor_and_model():
@@ -209,10 +186,10 @@ def check_model_dir(out: Path, inputs, base=None, **formula):
     assert set(merged) == set(loaded[0])
     worst = 0.0
     for name, tensor in merged.items():
-        expected = expected_merge(
+        expected = nan_merge(
             [m[name] for m in loaded], base_tensors[name] if base_tensors else None, **formula
         )
-        worst = max(worst, rel_err(tensor, expected))
+        worst = max(worst, relative_error(tensor, expected))
     assert worst < 1e-6, worst
     return worst
 
@@ -261,7 +238,7 @@ def test_mergekit_yaml_parameters(family, tmp_path):
     }
     out = tmp_path / "merged"
     run_mergekit_yaml(config, out)
-    check_model_dir(out, tuned, base, exponent=2.0, lam=0.7, prior=priors)
+    check_model_dir(out, tuned, base, exponent=2.0, lam=0.7, priors=priors)
 
 
 def test_mergekit_yaml_rejects_bad_parameters_before_writing(family, tmp_path):

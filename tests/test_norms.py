@@ -11,7 +11,7 @@ import types
 import pytest
 import torch
 
-from mergekit_nan import norms, worker_pool
+from mergekit_nan import worker_pool
 from mergekit_nan.norms import (
     ACCELERATOR_CHUNK_ELEMENTS,
     CPU_CHUNK_ELEMENTS,

@@ -19,8 +19,7 @@ from typing import Callable, Dict, List
 
 import pytest
 import yaml
-from stock import run_command
-from test_safety import snapshot
+from support import build_recipe, run_command, snapshot, write_recipe
 
 from mergekit_nan.commands.tiny import write_family
 
@@ -55,24 +54,18 @@ def inputs(tmp_path_factory) -> Inputs:
     return Inputs(root, base, tuned, adapter, tokenizer, hub, snapshot_dir)
 
 
-def recipe(inputs: Inputs, method: str = "nan", **extra) -> Dict:
-    return {
-        "merge_method": method,
-        "base_model": str(inputs.base),
-        "models": [{"model": str(p)} for p in inputs.tuned],
-        "dtype": "float32",
-        **extra,
-    }
+def inputs_recipe(inputs: Inputs, method: str = "nan", **extra) -> Dict:
+    return build_recipe(inputs.tuned, method, base=inputs.base, **extra)
 
 
 def with_adapter(inputs: Inputs) -> Dict:
-    config = recipe(inputs)
+    config = inputs_recipe(inputs)
     config["models"][0]["model"] = f"{inputs.tuned[0]}+{inputs.adapter}"
     return config
 
 
 def with_hub_model(inputs: Inputs) -> Dict:
-    config = recipe(inputs)
+    config = inputs_recipe(inputs)
     config["models"][1]["model"] = "someone/tiny"
     return config
 
@@ -91,15 +84,19 @@ def symlink(inputs: Inputs, monkeypatch: pytest.MonkeyPatch) -> str:
 
 CASES: Dict[str, tuple] = {
     # case: (recipe, output path, the input the message must name)
-    "base model": (recipe, lambda i, m: str(i.base), lambda i: i.base),
-    "fine-tune": (recipe, lambda i, m: str(i.tuned[1]), lambda i: i.tuned[1]),
-    "inside a model": (recipe, lambda i, m: str(i.tuned[0] / "merged"), lambda i: i.tuned[0]),
-    "around the models": (recipe, lambda i, m: str(i.root / "family"), lambda i: i.base),
-    "through a symlink": (recipe, symlink, lambda i: i.tuned[1]),
-    "through ~": (recipe, tilde, lambda i: i.tuned[0]),
+    "base model": (inputs_recipe, lambda i, m: str(i.base), lambda i: i.base),
+    "fine-tune": (inputs_recipe, lambda i, m: str(i.tuned[1]), lambda i: i.tuned[1]),
+    "inside a model": (
+        inputs_recipe,
+        lambda i, m: str(i.tuned[0] / "merged"),
+        lambda i: i.tuned[0],
+    ),
+    "around the models": (inputs_recipe, lambda i, m: str(i.root / "family"), lambda i: i.base),
+    "through a symlink": (inputs_recipe, symlink, lambda i: i.tuned[1]),
+    "through ~": (inputs_recipe, tilde, lambda i: i.tuned[0]),
     "LoRA adapter": (with_adapter, lambda i, m: str(i.adapter), lambda i: i.adapter),
     "tokenizer source": (
-        lambda i: recipe(i, tokenizer_source=str(i.tokenizer)),
+        lambda i: inputs_recipe(i, tokenizer_source=str(i.tokenizer)),
         lambda i, m: str(i.tokenizer),
         lambda i: i.tokenizer,
     ),
@@ -112,8 +109,7 @@ CASES: Dict[str, tuple] = {
 
 
 def run(command: str, inputs: Inputs, config: Dict, out: str, tmp_path: Path):
-    path = tmp_path / "recipe.yml"
-    path.write_text(yaml.safe_dump(config))
+    path = write_recipe(tmp_path / "recipe.yml", config)
     cache = ["--transformers-cache", str(inputs.hub)]
     if command == "check":
         return run_command("mergekit-nan", "check", str(path), "--out-path", out, *cache)
@@ -158,7 +154,7 @@ def test_an_output_over_an_input_is_refused(
 
 
 def test_check_refuses_it_for_a_recipe_without_nan(inputs, tmp_path):
-    config = recipe(inputs, "linear")
+    config = inputs_recipe(inputs, "linear")
     for model in config["models"]:
         model["parameters"] = {"weight": 1.0}
     result = run("check", inputs, config, str(inputs.tuned[0]), tmp_path)
@@ -168,8 +164,8 @@ def test_check_refuses_it_for_a_recipe_without_nan(inputs, tmp_path):
 
 
 def _multi(inputs: Inputs, tmp_path: Path, out: Path, extra: Callable[[Dict], None]) -> Path:
-    stage = {"name": "first", **recipe(inputs)}
-    final = recipe(inputs)
+    stage = {"name": "first", **inputs_recipe(inputs)}
+    final = inputs_recipe(inputs)
     final["models"] = [{"model": "first"}, {"model": str(inputs.tuned[1])}]
     extra(final)
     path = tmp_path / "multi.yml"
@@ -215,7 +211,7 @@ def test_check_names_the_multi_stage_whose_input_is_overwritten(inputs, tmp_path
 def test_a_model_in_the_output_directory_is_a_warning(inputs, tmp_path):
     out = tmp_path / "earlier"
     shutil.copytree(inputs.tuned[0], out)
-    result = run("check", inputs, recipe(inputs), str(out), tmp_path)
+    result = run("check", inputs, inputs_recipe(inputs), str(out), tmp_path)
     assert result.returncode == 0
     (line,) = [x for x in result.stdout.splitlines() if x.startswith("warning: ")]
     assert "already holds a model (config.json, " in line and "model.safetensors" in line

@@ -77,6 +77,16 @@ def test_wheel_places_the_start_up_hook_at_its_root(wheel):
         assert archive.read("mergekit_nan.start").decode().strip() == "_mergekit_nan_hook:install"
 
 
+def test_wheel_requires_safetensors_for_every_install(wheel):
+    """The adapter checks, the adapter merge and the demo import safetensors at run time."""
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        metadata = archive.read(name).decode()
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist: ")]
+    (safetensors,) = [line for line in requires if line.split()[1].startswith("safetensors")]
+    assert "extra ==" not in safetensors
+
+
 @pytest.mark.slow
 def test_fresh_environment_start_up_imports_no_torch(fresh_env):
     result = run(fresh_env / "bin" / "python", "-X", "importtime", "-c", "pass")

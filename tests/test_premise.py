@@ -10,10 +10,8 @@ from typing import Dict, List
 
 import pytest
 import torch
-import yaml
-from conftest import family_recipe, load_model_tensors
 from safetensors.torch import save_file
-from stock import run_command
+from support import family_recipe, load_model_tensors, nan_alphas, run_command, write_recipe
 
 SHIFTED = ("model.norm.weight", "model.layers.0.input_layernorm.weight")
 """Tensors of the shifted fine-tune whose update is mostly a constant."""
@@ -34,9 +32,7 @@ def shifted_family(family, tmp_path_factory) -> List[Path]:
 
 def recipe_file(paths: List[Path], directory: Path, method: str = "nan") -> Path:
     config = family_recipe(paths, method, **({} if method == "nan" else {"density": 0.5}))
-    path = directory / "recipe.yml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_recipe(directory / "recipe.yml", config)
 
 
 def float64_reading(paths: List[Path]) -> Dict[str, Dict]:
@@ -72,13 +68,12 @@ def test_inspect_shows_norms_spread_and_mean_shifts(shifted_family, tmp_path):
     expected = float64_reading(shifted_family)
     models = payload["premise"]["models"]
     total = sum(e["norm"] for e in expected.values())
-    inverse = {m: 1 / e["norm"] for m, e in expected.items()}
+    alphas = dict(zip(expected, nan_alphas([e["norm"] for e in expected.values()])))
     for model in models:
         reference = expected[model["model"]]
         assert model["norm"] == pytest.approx(reference["norm"], rel=1e-6)
         assert model["share"] == pytest.approx(reference["norm"] / total, rel=1e-6)
-        coefficient = inverse[model["model"]] / sum(inverse.values())
-        assert model["coefficient"] == pytest.approx(coefficient, rel=1e-6)
+        assert model["coefficient"] == pytest.approx(alphas[model["model"]], rel=1e-6)
         assert model["mean_share"] == pytest.approx(reference["mean_share"], rel=1e-4, abs=1e-7)
         assert model["layer_norms"] == pytest.approx(reference["layers"], rel=1e-6)
     coefficients = [m["coefficient"] for m in models]

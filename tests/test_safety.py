@@ -9,38 +9,29 @@ writes fail (``RLIMIT_FSIZE``). Afterwards the inputs are byte-identical and
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import List
 
 import pytest
-import yaml
-from conftest import family_recipe, load_model_tensors
-from stock import STALL_MARKER, run_command, start_child, wait_for
+from support import (
+    STALL_MARKER,
+    family_recipe,
+    load_model_tensors,
+    run_command,
+    snapshot,
+    start_child,
+    wait_for,
+    write_recipe,
+)
 
 from mergekit_nan.commands.common.output import PARTIAL, leftovers
 
 SHARD = "20K"
 """Output shard size (parameters): the tiny model is written in several shards."""
-
-
-def snapshot(*roots: Path) -> Dict[str, str]:
-    """Path -> SHA-256 of every file under ``roots`` (an absent root contributes nothing)."""
-    digests = {}
-    for root in roots:
-        for path in sorted(root.rglob("*")) if root.exists() else ():
-            if path.is_file():
-                digests[str(path)] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return digests
-
-
-def write_recipe(path: Path, family: List[Path], method: str = "nan") -> Path:
-    path.write_text(yaml.safe_dump(family_recipe(family, method)))
-    return path
 
 
 def merge_arguments(recipe: Path, out: Path, *extra: str) -> List[str]:
@@ -59,14 +50,14 @@ def merge_arguments(recipe: Path, out: Path, *extra: str) -> List[str]:
 def earlier(family, tmp_path) -> Path:
     """An output directory holding an earlier merge (ties+nan) and one more file."""
     out = tmp_path / "merged"
-    recipe = write_recipe(tmp_path / "ties.yml", family, "ties+nan")
+    recipe = write_recipe(tmp_path / "ties.yml", family_recipe(family, "ties+nan"))
     run_command("mergekit-nan", *merge_arguments(recipe, out), check=True)
     (out / "notes.txt").write_text("kept by the user")
     return out
 
 
 def test_a_killed_merge_leaves_a_new_out_path_absent_and_says_so_next_time(family, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     out = tmp_path / "merged"
     inputs = snapshot(*family)
     child = start_child(
@@ -87,7 +78,7 @@ def test_a_killed_merge_leaves_a_new_out_path_absent_and_says_so_next_time(famil
 
 @pytest.mark.parametrize("granularity", ["tensor", "model"])
 def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, granularity):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before, inputs = snapshot(earlier), snapshot(*family)
     arguments = merge_arguments(recipe, earlier, "--overwrite", "--granularity", granularity)
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
@@ -98,35 +89,32 @@ def test_a_killed_overwrite_leaves_the_earlier_model(family, earlier, tmp_path, 
     assert len(leftovers(earlier)) == 1
 
 
-def test_an_interrupted_merge_says_one_line_and_exits_130(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+STOPS = {
+    "interrupted": (signal.SIGINT, 130, "Interrupted"),  # Ctrl-C
+    "terminated": (signal.SIGTERM, 143, "Terminated"),  # what kill, timeout and job schedulers send
+}
+
+
+@pytest.mark.parametrize("stop", list(STOPS))
+def test_a_stopped_merge_says_one_line_and_leaves_the_earlier_model(
+    family, earlier, tmp_path, stop
+):
+    sent, status, word = STOPS[stop]
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     arguments = merge_arguments(recipe, earlier, "--overwrite")
     child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
     wait_for(tmp_path / STALL_MARKER, child)
     assert (tmp_path / STALL_MARKER).read_text() == str(child.process.pid)
-    os.kill(child.process.pid, signal.SIGINT)
-    assert child.wait() == 130, child.output
-    assert child.output.strip().splitlines()[-1] == f"Interrupted: {earlier} was left as it was."
-    assert "Traceback" not in child.output
-    assert snapshot(earlier) == before and leftovers(earlier) == []
-
-
-def test_a_terminated_merge_says_one_line_exits_143_and_leaves_nothing(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
-    before = snapshot(earlier)
-    arguments = merge_arguments(recipe, earlier, "--overwrite")
-    child = start_child("mergekit-nan", *arguments, cwd=tmp_path, stall_dir=tmp_path)
-    wait_for(tmp_path / STALL_MARKER, child)
-    os.kill(child.process.pid, signal.SIGTERM)  # what kill, timeout and job schedulers send
-    assert child.wait() == 143, child.output
-    assert child.output.strip().splitlines()[-1] == f"Terminated: {earlier} was left as it was."
+    os.kill(child.process.pid, sent)
+    assert child.wait() == status, child.output
+    assert child.output.strip().splitlines()[-1] == f"{word}: {earlier} was left as it was."
     assert "Traceback" not in child.output
     assert snapshot(earlier) == before and leftovers(earlier) == []  # no partial directory
 
 
 def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     largest = max(p.stat().st_size for p in earlier.glob("*.safetensors"))
     child = start_child(
@@ -144,7 +132,7 @@ def test_a_write_error_leaves_the_earlier_model(family, earlier, tmp_path):
 
 
 def test_a_non_empty_out_path_is_refused_without_overwrite(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     before = snapshot(earlier)
     result = run_command("mergekit-nan", *merge_arguments(recipe, earlier))
     assert result.returncode == 1
@@ -153,7 +141,7 @@ def test_a_non_empty_out_path_is_refused_without_overwrite(family, earlier, tmp_
 
 
 def test_overwrite_replaces_the_earlier_model_whole(family, earlier, tmp_path):
-    recipe = write_recipe(tmp_path / "nan.yml", family)
+    recipe = write_recipe(tmp_path / "nan.yml", family_recipe(family))
     alone = tmp_path / "alone"
     run_command("mergekit-nan", *merge_arguments(recipe, alone), check=True)
     run_command("mergekit-nan", *merge_arguments(recipe, earlier, "--overwrite"), check=True)
@@ -170,11 +158,11 @@ def test_ctrl_c_reaches_the_merge_when_the_test_run_itself_ignores_sigint(tmp_pa
     """The interrupt test, in a test run started with SIGINT ignored.
 
     A background job of a script (or a CI runner) starts with SIGINT ignored;
-    the fork server behind :func:`stock.start_child` then handed its children
+    the fork server behind :func:`support.start_child` then handed its children
     SIG_IGN, and the merge never saw the interrupt. This run needs an
     interpreter of its own: the disposition a process starts with is the point.
     """
-    test = f"{Path(__file__).name}::test_an_interrupted_merge_says_one_line_and_exits_130"
+    test = f"{Path(__file__).name}::test_a_stopped_merge_says_one_line_and_leaves_the_earlier_model[interrupted]"
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
         cwd=Path(__file__).parent,

@@ -14,10 +14,10 @@ from typing import Dict, List
 import pytest
 import torch
 import yaml
-from conftest import family_recipe, load_model_tensors
 from mergekit.common import ModelReference
 from mergekit.config import MergeConfiguration
 from mergekit.options import MergeOptions
+from support import family_recipe, load_model_tensors
 
 from mergekit_nan import weighting
 from mergekit_nan.commands.compare.candidates import norm_group
@@ -129,7 +129,7 @@ def test_norm_groups_ignore_only_what_acts_after_the_norms(family):
 
 
 def test_compare_runs_the_norm_pass_once_for_its_nan_candidates(family, tmp_path, norm_passes):
-    from stock import run_command
+    from support import run_command
 
     recipe = family_recipe(family)
     (tmp_path / "recipe.yml").write_text(yaml.safe_dump(recipe))

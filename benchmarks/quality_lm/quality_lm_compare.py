@@ -92,22 +92,26 @@ def choice_task(
 
     Each ``context``-byte window of a test document is one question: its first
     ``context - CONTINUATION`` bytes the context, its last ``CONTINUATION`` the
-    true continuation; the three distractors are the same bytes of three other
-    windows of the domain, drawn with ``seed``. Text is the Latin-1 decoding of
-    the bytes (the byte tokenizer's ids), choices follow the context directly.
+    true continuation; the three distractors are the same bytes of three windows
+    of other documents of the domain, drawn with ``seed``. Text is the Latin-1
+    decoding of the bytes (the byte tokenizer's ids), choices follow the context
+    directly.
     """
     rng = random.Random(f"{domain}-{seed}")
     windows = [
-        document[start : start + context]
-        for document in documents
+        (number, document[start : start + context])
+        for number, document in enumerate(documents)
         for start in range(0, len(document) - context + 1, context)
     ]
     prefix = context - CONTINUATION
     name = "qlm_" + domain.replace("-", "_")
     with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as file:
-        for index, window in enumerate(windows):
-            others = rng.sample([i for i in range(len(windows)) if i != index], 3)
-            choices = [windows[i][prefix:] for i in others]
+        for number, window in windows:
+            elsewhere = [i for i, (other, _) in enumerate(windows) if other != number]
+            if len(elsewhere) < 3:
+                raise ValueError(f"{domain}: too few test windows in other documents")
+            others = rng.sample(elsewhere, 3)
+            choices = [windows[i][1][prefix:] for i in others]
             gold = rng.randrange(4)
             choices.insert(gold, window[prefix:])
             record = {"context": window[:prefix].decode("latin-1"),

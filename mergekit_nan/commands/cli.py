@@ -23,12 +23,11 @@ __all__ = ["main"]
 
 def _inspect(config_file: str, arguments: Dict[str, Any]):
     from mergekit_nan.commands.adapters.coefficients import adapter_inspection
-    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe, load_recipe
+    from mergekit_nan.commands.inspection.coefficient_pass import inspect_recipe
     from mergekit_nan.doctor.adapters import adapter_recipe
     from mergekit_nan.granularity import resolve_granularity
 
-    preflight(config_file, arguments)
-    config = load_recipe(config_file)
+    config = preflight(config_file, arguments).config()
     adapters = adapter_recipe(config)
     if adapters is not None:
         granularity = resolve_granularity(config, arguments["granularity"])
@@ -217,9 +216,8 @@ def compare_command(config_file: str, **arguments: Any) -> None:
     check_writable(a["json_file"], a["csv_file"], a["plot_file"])
     if a["plot_file"]:
         report.require_matplotlib()
-    preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
-    for other in a["against"]:
-        preflight(other, a)
+    recipe = preflight(config_file, a, out_path=keep, ignore=("output-not-empty",))
+    against = [preflight(other, a) for other in a["against"]]
     if keep and os.path.isdir(keep) and any(os.scandir(keep)) and not a["overwrite"]:
         raise OutputNotEmpty(
             f"--keep directory {keep} is not empty; pass --overwrite to replace it"
@@ -228,16 +226,16 @@ def compare_command(config_file: str, **arguments: Any) -> None:
         a["max_length"], a["max_documents"], a["batch_tokens"], a["seed"], a["bootstrap"],
         a["work_dir"],
     )  # fmt: skip
-    sweeps = Sweeps(a["exponent"], a["lambdas"], a["granularity"], a["against"], a["inputs"])
+    sweeps = Sweeps(a["exponent"], a["lambdas"], a["granularity"], against, a["inputs"])
     tasks = TaskSettings(
         a["tasks"], a["include_path"], a["limit"], a["num_fewshot"], a["apply_chat_template"],
         a["gen_kwargs"], a["metric"], a["task_batch_size"],
     )  # fmt: skip
     prepared = plan_comparison(
-        config_file, a["data"], sweeps, settings, tasks=tasks,
+        recipe, a["data"], sweeps, settings, tasks=tasks,
         trust_remote_code=a["trust_remote_code"],
     )  # fmt: skip
-    options = merge_options(a).model_copy(update={"random_seed": a["random_seed"]})
+    options = merge_options(a)
     outputs = CompareOutputs(a["json_file"], a["csv_file"], a["plot_file"], keep, a["overwrite"])
     try:
         compare(prepared, options, settings, outputs, echo=click.echo)

@@ -43,10 +43,11 @@ from mergekit_nan.doctor.adapters import adapter_findings
 from mergekit_nan.doctor.estimate import Estimate, estimate_job
 from mergekit_nan.doctor.findings import Finding, format_findings
 from mergekit_nan.doctor.model_checks import model_findings
-from mergekit_nan.doctor.model_files import ModelFacts, collect_models, looks_like_repo
+from mergekit_nan.doctor.model_files import ModelFacts, collect_models
 from mergekit_nan.doctor.outputs import output_findings
 from mergekit_nan.doctor.plan_checks import plan_findings, readable_error
 from mergekit_nan.errors import RecipeError
+from mergekit_nan.recipe import RecipeFile, looks_like_repo, read_recipe
 
 __all__ = ["CheckReport", "check_recipe"]
 
@@ -105,12 +106,16 @@ class CheckReport:
         }
 
 
-def _documents(source: Union[str, os.PathLike[str], Mapping[str, Any]]) -> List[Any]:
+def _documents(source: Union[str, os.PathLike[str], RecipeFile, Mapping[str, Any]]) -> List[Any]:
     if isinstance(source, Mapping):
         return [source]
-    with open(source, encoding="utf-8") as file:
-        text = file.read()
-    return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+    recipe = source if isinstance(source, RecipeFile) else read_recipe(os.fspath(source))
+    return list(recipe.documents)
+
+
+def unreadable_report(label: str, error: yaml.YAMLError) -> CheckReport:
+    """The report on a recipe file that is not YAML: one ``invalid-recipe`` error."""
+    return CheckReport(label, (_invalid(readable_error(error)),), ())
 
 
 def _invalid(message: str) -> Finding:
@@ -207,7 +212,7 @@ def _unique(findings: Sequence[Finding]) -> Tuple[Finding, ...]:
 
 
 def check_recipe(
-    source: Union[str, os.PathLike[str], Mapping[str, Any]],
+    source: Union[str, os.PathLike[str], RecipeFile, Mapping[str, Any]],
     *,
     out_path: Optional[str] = None,
     options: Optional[MergeOptions] = None,
@@ -225,11 +230,14 @@ def check_recipe(
     for a missing file; every problem of the recipe itself becomes a finding.
     """
     options = options or MergeOptions()
-    label = "<recipe>" if isinstance(source, Mapping) else os.fspath(source)
+    if isinstance(source, Mapping):
+        label = "<recipe>"
+    else:
+        label = source.path if isinstance(source, RecipeFile) else os.fspath(source)
     try:
         documents = _documents(source)
     except yaml.YAMLError as error:
-        return CheckReport(label, (_invalid(readable_error(error)),), ())
+        return unreadable_report(label, error)
     if not documents or not all(isinstance(d, Mapping) for d in documents):
         return CheckReport(label, (_invalid("expected one or more YAML mappings"),), ())
     multi = len(documents) > 1

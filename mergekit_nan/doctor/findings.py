@@ -12,14 +12,14 @@ tensor when the finding comes from resolved per-tensor values.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from typing_extensions import Literal
+from typing_extensions import Literal, get_args
 
-__all__ = ["LEVELS", "Finding", "Level", "format_findings", "has_errors", "worst"]
+__all__ = ["LEVELS", "Finding", "Level", "format_findings"]
 
 Level = Literal["error", "warning", "info"]
-LEVELS = ("error", "warning", "info")
+LEVELS: Tuple[str, ...] = get_args(Level)
 
 
 @dataclass(frozen=True)
@@ -53,16 +53,6 @@ class Finding:
 
     def to_json(self) -> Dict[str, Any]:
         return {key: value for key, value in asdict(self).items() if value is not None}
-
-
-def has_errors(findings: Iterable[Finding]) -> bool:
-    return any(finding.level == "error" for finding in findings)
-
-
-def worst(findings: Iterable[Finding]) -> Optional[Level]:
-    """The most severe level present, or None for no findings."""
-    present = {finding.level for finding in findings}
-    return next((level for level in LEVELS if level in present), None)
 
 
 def format_findings(findings: Sequence[Finding]) -> List[str]:

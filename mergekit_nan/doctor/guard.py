@@ -24,107 +24,86 @@ load) makes mergekit run the checks of ``mergekit-nan check`` first:
   recipe's findings before planning and those on the per-tensor values
   mergekit resolved right after it.
 
-Warnings are logged once each, on the ``mergekit_nan`` logger. Errors stop a
-recipe whose merge method is ``nan`` or ``<method>+nan`` with a
-:class:`~mergekit_nan.errors.RecipeError`, which the command lines print as
-one ``Error: ...`` message (exit status 1); on a stock method (a stray
-``nan_*`` key) they are only logged, so a recipe that works without the
-plugin works with it. Hugging Face models that are not in the local cache
-are left to mergekit, which downloads them. ``nan_granularity: layer|model``
-is an error in the stock commands, which can only compute per-tensor
-coefficients.
+Findings are reported as :mod:`~mergekit_nan.doctor.guard_report` says:
+warnings logged once each, errors that stop a ``nan`` or ``<method>+nan``
+recipe with one ``Error: ...`` message (exit status 1). Hugging Face models
+that are not in the local cache are left to mergekit, which downloads them.
+``nan_granularity: layer|model`` is an error in the stock commands, which can
+only compute per-tensor coefficients.
 
 The guard never changes a plan or a merge. For recipes without NAN it does
 nothing at all, and if anything about mergekit's internals is not as expected
-it falls silent rather than getting in mergekit's way. Planners that
-mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``; a command
-that has just run the same checks itself (``mergekit-nan merge``) merges
-inside :func:`suspended`, so each finding is reported once.
+it skips its checks rather than getting in mergekit's way, saying which and
+why at INFO level (mergekit's ``-v``; the log record carries :data:`SKIPPED`).
+Planners that mergekit-nan runs itself set ``_mergekit_nan_unguarded = True``;
+a command that has just run the same checks itself (``mergekit-nan merge``)
+merges inside :func:`suspended`, so each finding is reported once. The
+wrapping itself is :func:`mergekit_nan.mergekit_compat.wrap_loaded`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import logging
 import os
 import re
 import shutil
-import sys
 from contextvars import ContextVar
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Set, Tuple
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from mergekit_nan.doctor.findings import Finding
+from mergekit_nan.doctor.guard_report import LOG, Guard, Reported, enforced, refusal
 from mergekit_nan.errors import RecipeError
+from mergekit_nan.mergekit_compat import wrap_loaded
 
-__all__ = ["STOCK_ONLY_ERRORS", "install_guard", "suspended"]
+__all__ = ["SKIPPED", "install_guard", "suspended"]
 
-LOG = logging.getLogger("mergekit_nan")
-
-_SUSPENDED: ContextVar[bool] = ContextVar("mergekit_nan_guard_suspended", default=False)
-_REPORTED: ContextVar[Optional[Set[Tuple[str, str, Optional[str]]]]] = ContextVar(
-    "mergekit_nan_guard_reported", default=None
-)
-_MERGE: ContextVar[Optional[_Merge]] = ContextVar("mergekit_nan_guard_merge", default=None)
-
-STOCK_ONLY_ERRORS = ("granularity-needs-merge", "adapter-recipe")
-"""Finding codes that are fine for ``mergekit-nan merge`` but errors in the stock commands."""
+SKIPPED = "mergekit_nan_guard_skipped"
+"""Attribute of the log record of skipped checks: which checks the guard skipped."""
 
 _LOOKS_NAN = re.compile(r"merge_method\s*:\s*['\"]?nan\b|\+nan\b|\bnan_\w+\s*:")
 """What marks the text of a recipe that cannot be read as one as a NAN recipe."""
 
 
-class _Guard:
-    """The findings reported for one recipe, and whether its errors stop the merge."""
+@dataclass(frozen=True)
+class _State:
+    """What the guard knows in the current context.
 
-    def __init__(self, enforce: bool):
-        self.enforce = enforce
-        self.seen: Set[Tuple[str, str, Optional[str]]] = _REPORTED.get() or set()
+    ``suspended``: inside :func:`suspended`, the guard does nothing.
+    ``reported``: inside :func:`_reporting_once`, the findings reported so far.
+    ``merge``: inside a checked ``run_merge``, the check that mergekit's planner
+    then completes.
+    """
 
-    def report(self, findings: Iterable[Finding]) -> None:
-        errors: List[Finding] = []
-        for finding in findings:
-            key = (finding.code, finding.message, finding.tensor)
-            if key in self.seen or finding.level == "info" and not _stock_error(finding):
-                continue
-            self.seen.add(key)
-            if finding.level == "error" or _stock_error(finding):
-                errors.append(finding)
-            else:
-                LOG.warning("mergekit-nan: %s", finding.line())
-        if not errors:
-            return
-        if not self.enforce:
-            for finding in errors:
-                LOG.warning("mergekit-nan: %s", finding.line())
-            return
-        raise _refusal(errors)
+    suspended: bool = False
+    reported: Optional[Reported] = None
+    merge: Optional[_Merge] = None
 
 
-def _refusal(errors: List[Finding]) -> RecipeError:
-    lines = "\n".join(f"  {_as_error(f).line()}" for f in errors)
-    return RecipeError(
-        "mergekit-nan: this recipe cannot be merged as written; nothing was written "
-        f"(`mergekit-nan check RECIPE` lists every finding):\n{lines}"
-    )
+_OUTSIDE = _State()
+_STATE: ContextVar[_State] = ContextVar("mergekit_nan_guard", default=_OUTSIDE)
 
 
-def _stock_error(finding: Finding) -> bool:
-    return finding.code in STOCK_ONLY_ERRORS
+@contextlib.contextmanager
+def _within(**changes: Any) -> Iterator[None]:
+    """The guard's state with ``changes`` for the duration of the block."""
+    token = _STATE.set(replace(_STATE.get(), **changes))
+    try:
+        yield
+    finally:
+        _STATE.reset(token)
 
 
-def _as_error(finding: Finding) -> Finding:
-    if finding.level == "error":
-        return finding
-    return Finding(
-        "error", finding.code, finding.where, finding.message, finding.fix, finding.tensor
-    )
+def _skipped(what: str, error: Exception) -> None:
+    """Say (with mergekit's ``-v``) which checks the guard skipped and why."""
+    message = "mergekit-nan: the recipe guard skipped %s (%s: %s)"
+    LOG.info(message, what, type(error).__name__, error, extra={SKIPPED: what})
 
 
-def _enforced(data: Any) -> bool:
-    method = str(data.get("merge_method", "")) if isinstance(data, dict) else ""
-    return method == "nan" or method.endswith("+nan")
+def _guard(enforce: bool) -> Guard:
+    """A guard for one recipe, sharing the record of what :func:`_reporting_once` reported."""
+    return Guard(enforce, _STATE.get().reported)
 
 
 def _options(arguments: dict) -> Any:
@@ -137,9 +116,9 @@ def _options(arguments: dict) -> Any:
 # -- MergePlanner._plan -----------------------------------------------------------------
 
 
-def _start(planner: Any) -> Optional[_Guard]:
+def _start(planner: Any) -> Optional[Guard]:
     """Check the recipe before planning; None when the guard has nothing to say."""
-    if _SUSPENDED.get() or getattr(planner, "_mergekit_nan_unguarded", False):
+    if _STATE.get().suspended or getattr(planner, "_mergekit_nan_unguarded", False):
         return None
     try:
         from mergekit_nan.doctor.recipe_walk import involves_nan
@@ -150,22 +129,22 @@ def _start(planner: Any) -> Optional[_Guard]:
         from mergekit_nan.doctor.recipe_checks import recipe_findings
 
         findings = recipe_findings(data)
-        guard = _Guard(enforce=_enforced(data))
-    except Exception as error:  # mergekit moved on: say nothing rather than break it
-        LOG.debug("mergekit-nan guard skipped: %r", error)
+        guard = _guard(enforced(data))
+    except Exception as error:  # mergekit moved on: skip the checks rather than break it
+        _skipped("the recipe's checks before planning", error)
         return None
     guard.report(findings)
     return guard
 
 
-def _finish(guard: _Guard, planner: Any) -> None:
+def _finish(guard: Guard, planner: Any) -> None:
     """Check the per-tensor values mergekit resolved, before anything is executed."""
     try:
         from mergekit_nan.doctor.recipe_checks import planned_findings
 
         findings = planned_findings(planner)
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
+        _skipped("the checks of the planned values", error)
         return
     guard.report(findings)
 
@@ -183,7 +162,7 @@ def _planned(merge: _Merge, planner: Any) -> None:
             planned_tensors(planner), by_reference, tokenizer_set=merge.tokenizer_set
         )
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the planned values: %r", error)
+        _skipped("the checks of the planned values and input shapes", error)
         return
     merge.guard.report(findings)
 
@@ -195,13 +174,13 @@ def _unplannable(error: Exception) -> RecipeError:
     finding = Finding(
         "error", "plan-failed", "", f"mergekit cannot plan this merge: {readable_error(error)}"
     )
-    return _refusal([finding])
+    return refusal([finding])
 
 
 def _guarded_plan(original: Callable) -> Callable:
     @functools.wraps(original)
     def _plan(self, *args, **kwargs):
-        merge = _MERGE.get()
+        merge = _STATE.get().merge
         if merge is not None and not getattr(self, "_mergekit_nan_unguarded", False):
             try:
                 result = original(self, *args, **kwargs)
@@ -227,14 +206,14 @@ def _guarded_plan(original: Callable) -> Callable:
 class _Merge:
     """A ``run_merge`` the guard has checked: its guard and the models it found."""
 
-    guard: _Guard
+    guard: Guard
     models: Tuple[Any, ...]
     tokenizer_set: bool
 
 
 def _check_merge(config: Any, out_path: str, options: Any) -> Optional[_Merge]:
     """Check a NAN recipe before ``run_merge`` (None: nothing to check)."""
-    if _SUSPENDED.get():
+    if _STATE.get().suspended:
         return None
     try:
         from mergekit_nan.doctor.recipe_walk import involves_nan
@@ -248,9 +227,9 @@ def _check_merge(config: Any, out_path: str, options: Any) -> Optional[_Merge]:
             data, out_path=str(out_path), options=options, downloads=True, plan=False
         )
         tokenizer_set = config.tokenizer_source is not None or config.tokenizer is not None
-        merge = _Merge(_Guard(enforce=_enforced(data)), report.models, tokenizer_set)
+        merge = _Merge(_guard(enforced(data)), report.models, tokenizer_set)
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped: %r", error)
+        _skipped("the recipe's checks before the merge", error)
         return None
     merge.guard.report(report.findings)
     return merge
@@ -264,14 +243,12 @@ def _guarded_run_merge(original: Callable) -> Callable:
             if merge is None:
                 return original(merge_config, out_path, options, *args, **kwargs)
             existed = os.path.lexists(out_path)
-            token = _MERGE.set(merge)  # mergekit's own plan is checked as it is made
             try:
-                return original(merge_config, out_path, options, *args, **kwargs)
+                with _within(merge=merge):  # mergekit's own plan is checked as it is made
+                    return original(merge_config, out_path, options, *args, **kwargs)
             except BaseException as error:
                 _remove_unfinished(out_path, existed, error)
                 raise
-            finally:
-                _MERGE.reset(token)
 
     return run_merge
 
@@ -288,14 +265,11 @@ def _remove_unfinished(out_path: str, existed: bool, error: BaseException) -> No
 @contextlib.contextmanager
 def _reporting_once() -> Iterator[None]:
     """Within this block every guard shares one record of what it has reported."""
-    if _REPORTED.get() is not None:
+    if _STATE.get().reported is not None:
         yield
         return
-    token = _REPORTED.set(set())
-    try:
+    with _within(reported=set()):
         yield
-    finally:
-        _REPORTED.reset(token)
 
 
 # -- the command lines ----------------------------------------------------------------------
@@ -318,9 +292,10 @@ def _readable_documents(path: str, multi: bool) -> Optional[list]:
     from mergekit.config import MergeConfiguration
 
     from mergekit_nan.doctor.plan_checks import readable_error
+    from mergekit_nan.recipe import parse_recipe
 
     try:
-        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+        documents = list(parse_recipe(path, text).documents)
     except yaml.YAMLError as error:
         raise RecipeError(f"{path} is not valid YAML: {readable_error(error)}") from None
     if not documents or not all(isinstance(d, dict) for d in documents):
@@ -341,7 +316,7 @@ def _readable_documents(path: str, multi: bool) -> Optional[list]:
 def _guarded_yaml_command(original: Callable) -> Callable:
     @functools.wraps(original)
     def command(*args, **kwargs):
-        if not _SUSPENDED.get() and kwargs.get("config_file"):
+        if not _STATE.get().suspended and kwargs.get("config_file"):
             _readable_documents(str(kwargs["config_file"]), multi=False)
         return original(*args, **kwargs)
 
@@ -353,7 +328,7 @@ def _guarded_multi_command(original: Callable) -> Callable:
     def command(*args, **kwargs):
         config_file, out_path = kwargs.get("config_file"), kwargs.get("out_path")
         documents = None
-        if not _SUSPENDED.get() and config_file:
+        if not _STATE.get().suspended and config_file:
             documents = _readable_documents(str(config_file), multi=True)
         if documents is None:
             return original(*args, **kwargs)
@@ -390,9 +365,9 @@ def _check_stages(config_file: str, documents: list, out_path: Optional[str], ar
             )
             findings.extend(f for f in found if f.code == "output-overwrites-input")
     except Exception as error:
-        LOG.debug("mergekit-nan guard skipped the stages: %r", error)
+        _skipped("the checks of mergekit-multi's stages", error)
         return
-    _Guard(enforce=any(_enforced(d) for d in documents)).report(findings)
+    _guard(any(enforced(d) for d in documents)).report(findings)
 
 
 # -- installing ----------------------------------------------------------------------------
@@ -401,35 +376,15 @@ def _check_stages(config_file: str, documents: list, out_path: Optional[str], ar
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
     """No guard inside this block: for callers that have just run the same checks."""
-    token = _SUSPENDED.set(True)
-    try:
+    with _within(suspended=True):
         yield
-    finally:
-        _SUSPENDED.reset(token)
-
-
-def _wrap(owner: Any, name: str, wrapper: Callable[[Callable], Callable]) -> None:
-    original = getattr(owner, name, None)
-    if original is None or getattr(original, "_mergekit_nan", False):
-        return
-    wrapped = wrapper(original)
-    wrapped._mergekit_nan = True
-    setattr(owner, name, wrapped)
 
 
 def install_guard() -> None:
     """Put the guard on every mergekit module above that is loaded; idempotent."""
-    plan = sys.modules.get("mergekit.plan")
-    if plan is not None:
-        planner = plan.MergePlanner
-        if "_plan" in planner.__dict__:
-            _wrap(planner, "_plan", _guarded_plan)
-    merge = sys.modules.get("mergekit.merge")
-    if merge is not None:
-        _wrap(merge, "run_merge", _guarded_run_merge)
-    run_yaml = sys.modules.get("mergekit.scripts.run_yaml")
-    if run_yaml is not None:
-        _wrap(run_yaml.main, "callback", _guarded_yaml_command)
-    multi = sys.modules.get("mergekit.scripts.multimerge")
-    if multi is not None:
-        _wrap(multi.main, "callback", _guarded_multi_command)
+    wrap_loaded(
+        plan=_guarded_plan,
+        run_merge=_guarded_run_merge,
+        yaml_command=_guarded_yaml_command,
+        multi_command=_guarded_multi_command,
+    )

@@ -15,7 +15,8 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from mergekit.common import ModelReference
 
 from mergekit_nan.doctor.findings import Finding
-from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor, looks_like_repo
+from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor
+from mergekit_nan.recipe import looks_like_repo
 
 __all__ = ["model_findings", "shape_findings"]
 

@@ -23,8 +23,9 @@ from mergekit_nan.doctor.safetensors_header import (
     TensorHeader,
     read_safetensors_header,
 )
+from mergekit_nan.recipe import looks_like_repo
 
-__all__ = ["ModelFacts", "PlannedTensor", "collect_models", "looks_like_repo", "model_places"]
+__all__ = ["ModelFacts", "PlannedTensor", "collect_models", "model_places"]
 
 
 @dataclass
@@ -128,10 +129,6 @@ def model_places(data: Mapping[str, Any]) -> Dict[ModelReference, Tuple[str, Lis
             label = value if isinstance(value, str) else str(reference)
             found[reference] = (label, [where], tokenizer_only)
     return found
-
-
-def looks_like_repo(path: str) -> bool:
-    return path.count("/") == 1 and not path.startswith((".", "/", "~"))
 
 
 def _find(path: ModelPath, marker: str, cache_dir: Optional[str]) -> Optional[str]:

@@ -19,7 +19,8 @@ import os
 from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from mergekit_nan.doctor.findings import Finding
-from mergekit_nan.doctor.model_files import looks_like_repo, model_places
+from mergekit_nan.doctor.model_files import model_places
+from mergekit_nan.recipe import looks_like_repo
 
 __all__ = ["MODEL_FILES", "input_directories", "output_findings", "overlap", "real_path"]
 

@@ -20,6 +20,7 @@ from mergekit.options import MergeOptions
 from mergekit_nan.doctor.findings import Finding
 from mergekit_nan.doctor.model_checks import shape_findings
 from mergekit_nan.doctor.model_files import ModelFacts, PlannedTensor
+from mergekit_nan.mergekit_compat import plan_recipe, planned_tasks
 
 __all__ = ["plan_findings", "planned_tensors", "readable_error"]
 
@@ -114,7 +115,6 @@ def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     says what mergekit needs for that), so the plan can be checked further.
     """
     from mergekit_nan.granularity import without_granularity
-    from mergekit_nan.mergekit_compat import plan_recipe
     from mergekit_nan.registration import register_methods
 
     register_methods()
@@ -130,7 +130,7 @@ def planned_tensors(planner) -> List[PlannedTensor]:
     from mergekit.io.tasks import GatherTensors
 
     tensors = []
-    for weight, task in planner._tensors:
+    for weight, task in planned_tasks(planner):
         gather = task.gather_tensors
         while not isinstance(gather, GatherTensors):  # vocabulary permutation/truncation
             gather = gather.gather_tensors

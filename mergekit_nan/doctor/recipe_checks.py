@@ -62,6 +62,7 @@ from mergekit_nan.doctor.recipe_walk import (
     scopes,
     varying_parameters,
 )
+from mergekit_nan.mergekit_compat import planned_tasks
 from mergekit_nan.parameters import NAN_GRANULARITY, NAN_NORM
 from mergekit_nan.registration import register_methods
 
@@ -306,7 +307,7 @@ def _tensor_problems(
 
 def planned_findings(planner: MergePlanner) -> List[Finding]:
     """Findings from the resolved per-tensor parameters of a planner on which `_plan()` has run
-    (planner._tensors: list of (WeightInfo, ExecuteMergeMethodTask); each task has method_name,
+    (its planned tasks: (WeightInfo, ExecuteMergeMethodTask) pairs; each task has method_name,
     parameters (shared, resolved), input_parameters (per model, resolved), base_model,
     model_order, output_weight, and the config's dtype/out_dtype). Reads no tensor data.
     """
@@ -314,7 +315,9 @@ def planned_findings(planner: MergePlanner) -> List[Finding]:
     config = planner.config
     varying = varying_parameters(config.model_dump(mode="json", exclude_none=True))
     limit = dtype_limit(config.dtype, config.out_dtype)
-    planned = [task for _, task in planner._tensors if isinstance(task, ExecuteMergeMethodTask)]
+    planned = [
+        task for _, task in planned_tasks(planner) if isinstance(task, ExecuteMergeMethodTask)
+    ]
     seen: Dict[Tuple[Any, ...], List[Any]] = {}
     for task in planned:
         for key, problem in _tensor_problems(task, varying, limit):

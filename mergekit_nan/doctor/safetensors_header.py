@@ -6,6 +6,12 @@ the end of the header); the tensor data follows. :func:`read_safetensors_header`
 reads the length and the header only, never more bytes than the file holds,
 and refuses anything malformed with a :class:`HeaderError` naming the file
 and the tensor.
+
+This is not ``safetensors.safe_open``, which the adapter checks use: it
+refuses a truncated file outright, where ``check`` still plans and
+estimates the merge from the header and reports the truncation, and its
+errors name neither the tensor nor the fault (an unknown dtype, a byte range
+that is not shape x dtype, overlapping tensors), which these one-line errors do.
 """
 
 from __future__ import annotations

@@ -10,12 +10,16 @@ of those inputs would compute, without forming any ``m x n`` product:
 * the norms ``||delta_i||_F`` and element sums from the factors
   (:func:`mergekit_nan.lora.factor_norm`, :func:`~mergekit_nan.lora.factor_sum`),
   and for full tensors from the norm pass (:func:`mergekit_nan.norms.norms_and_sums`);
-* NAN's shares from :func:`mergekit_nan.coefficients.coefficients_from_norms`,
-  pooled at ``layer``/``model`` granularity by
+* the recipe's parameters per tensor through the method's own specs, resolved
+  as mergekit's planner resolves them (:func:`mergekit.parameter_resolver.resolve_parameter`);
+* NAN's reading from those norms by the core that weighs full models
+  (:func:`mergekit_nan.weighting.norm_weighting`: formula, priors, scale and
+  their checks), pooled at ``layer``/``model`` granularity by
   :func:`mergekit_nan.granularity.pooled_weightings` exactly as for full models;
 * the multiplier ``c_i`` of each ``delta_i`` in the merged update
-  ``theta_base + sum_i c_i delta_i``: for ``nan`` ``lambda * alpha_i`` (0 for a
-  zero update); for ``task_arithmetic`` and ``task_arithmetic+nan``
+  ``theta_base + sum_i c_i delta_i``: for ``nan`` the core's ``lambda * alpha_i``
+  (:meth:`~mergekit_nan.weighting.Weighting.update_coefficients`, 0 for a zero
+  update); for ``task_arithmetic`` and ``task_arithmetic+nan``
   ``lambda * w_i / (sum_j w_j if normalize else 1)``, with NAN's weights
   ``w_i = share_i * (sum of the given weights, else 1)`` for the composite.
 
@@ -42,10 +46,10 @@ from mergekit.config import (
     MergeConfiguration,
     OutputModuleDefinition,
     OutputSliceDefinition,
-    evaluate_setting,
 )
+from mergekit.merge_methods.base import ParameterSpec
+from mergekit.parameter_resolver import resolve_parameter
 
-from mergekit_nan.coefficients import coefficients_from_norms
 from mergekit_nan.commands.inspection.coefficient_pass import Inspection, TensorCoefficients
 from mergekit_nan.doctor.adapters import FULL_MODEL_HINT, AdapterError, AdapterRecipe, factor_method
 from mergekit_nan.granularity import pooled_weightings
@@ -53,9 +57,15 @@ from mergekit_nan.lora import factor_norm, factor_sum
 from mergekit_nan.method import NanMerge
 from mergekit_nan.modifier import NanCoefficients
 from mergekit_nan.norms import norms_and_sums
-from mergekit_nan.parameters import Granularity
+from mergekit_nan.parameters import NAN_EXPONENT, NAN_NORM, Granularity, optional
 from mergekit_nan.registration import is_nan_method
-from mergekit_nan.weighting import Weighting
+from mergekit_nan.weighting import (
+    Weighting,
+    check_scale,
+    norm_weighting,
+    weight_total,
+    without_zero_updates,
+)
 
 __all__ = [
     "TensorUpdate",
@@ -84,30 +94,36 @@ class TensorUpdate:
     coefficients: Tuple[float, ...]
 
 
-def _setting(
-    config: MergeConfiguration, model: Optional[InputModelDefinition], name: str, tensor: str
+def _is_gradient(setting: Any) -> bool:
+    return isinstance(setting, list) and all(
+        isinstance(v, (int, float, bool, str)) for v in setting
+    )
+
+
+def _resolved(
+    config: MergeConfiguration,
+    spec: ParameterSpec,
+    tensor: str,
+    model: Optional[InputModelDefinition] = None,
 ) -> Any:
-    """A parameter for ``tensor``: the model's own setting, else the top-level one (None)."""
-    for parameters in (model.parameters if model else None, config.parameters):
-        if parameters and name in parameters:
-            setting = parameters[name]
-            if isinstance(setting, list) and all(
-                isinstance(v, (int, float, bool, str)) for v in setting
-            ):
-                raise AdapterError(
-                    f"parameter {name} is a gradient, which an adapter recipe does not "
-                    "support; give one value, or filters"
-                )
-            return evaluate_setting(tensor, setting, validate=lambda value: value)
-    return None
+    """``spec``'s value for ``tensor`` (the model's own, else the top-level one), as mergekit's
+    planner resolves and validates it for the recipe over ``base+adapter`` models.
 
-
-def _number(value: Any, name: str, tensor: str, default: Optional[float]) -> Optional[float]:
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise AdapterError(f"{name} must be a finite number for tensor {tensor!r}; got {value!r}")
-    return float(value)
+    A gradient (which needs the layer's place in a slice) is refused.
+    """
+    scopes = ([model.parameters] if model is not None else []) + [config.parameters]
+    for scope in scopes:
+        setting = (scope or {}).get(spec.name)
+        if _is_gradient(setting):
+            raise AdapterError(
+                f"parameter {spec.name} is a gradient, which an adapter recipe does not "
+                "support; give one value, or filters"
+            )
+        if setting is not None and not isinstance(setting, list):
+            break  # a plain value: mergekit reads no further
+    return resolve_parameter(
+        spec, scopes, tensor_name=tensor, model=None if model is None else model.model
+    )
 
 
 def _deltas(recipe: AdapterRecipe, name: str) -> Tuple[bool, List[float], List[float], int]:
@@ -135,99 +151,75 @@ def _deltas(recipe: AdapterRecipe, name: str) -> Tuple[bool, List[float], List[f
     return False, found.tolist(), totals.tolist(), numel
 
 
-def _weighting(
+def _specs(method: Any) -> Dict[str, ParameterSpec]:
+    """``method``'s parameter specs by name; a required one may be left out (None)."""
+    return {p.name: optional(p) if p.required else p for p in method.spec.parameters}
+
+
+def _reading(
     config: MergeConfiguration,
     method: Any,
+    specs: Dict[str, ParameterSpec],
     recipe: AdapterRecipe,
     name: str,
     norms: Sequence[float],
 ) -> Tuple[Optional[Weighting], List[float], float, bool]:
-    """NAN's per-tensor reading (None without NAN), the weights given, lambda and normalize."""
-    models = list(config.models or ())
-    lam = _number(_setting(config, None, "lambda", name), "lambda", name, 1.0)
-    assert lam is not None
-    given = [_setting(config, m, "weight", name) for m in models]
-    if isinstance(method, NanMerge):
-        priors = [_number(w, "weight", name, 1.0) for w in given]
-        normalize = False
-    else:
-        normalize = bool(_setting(config, None, "normalize", name) or False)
-        priors = [_number(w, "weight", name, None) for w in given]
+    """NAN's per-tensor reading (None without NAN), the weights given, lambda and normalize.
+
+    The parameters are read by ``method``'s :func:`_specs` (a ``weight`` missing
+    for ``task_arithmetic`` is refused here, by name); the reading is the core's
+    (:func:`~mergekit_nan.weighting.norm_weighting`) from the factors' norms.
+    """
+    lam = _resolved(config, specs["lambda"], name)
+    check_scale(name, "lambda", lam, torch.float64, nonzero=False)
+    given = [_resolved(config, specs["weight"], name, m) for m in config.models or ()]
+    normalize = "normalize" in specs and _resolved(config, specs["normalize"], name)
     references = tuple(adapter.reference for adapter in recipe.adapters)
     if not is_nan_method(method):
-        missing = [str(r) for r, w in zip(references, priors) if w is None]
+        missing = [str(r) for r, w in zip(references, given) if w is None]
         if missing:
             raise AdapterError(
                 f"task_arithmetic needs a weight for every model; {', '.join(missing)} "
                 f"has none for tensor {name!r}"
             )
-        return None, [float(w) for w in priors], lam, normalize
-    nan_norm = _setting(config, None, "nan_norm", name) or "auto"
+        for weight in given:
+            check_scale(name, "weight", weight, torch.float64, nonzero=False)
+        return None, given, lam, normalize
+    nan_norm = _resolved(config, specs[NAN_NORM.name], name)
     if nan_norm not in ("auto", "delta"):
         raise AdapterError(
             f"nan_norm: {nan_norm} weighs whole tensors, but an adapter recipe merges the "
             "adapters' updates (the task vectors s_i B_i A_i); use nan_norm: auto or delta"
             + FULL_MODEL_HINT
         )
-    exponent = _number(_setting(config, None, "nan_exponent", name), "nan_exponent", name, 1.0)
-    assert exponent is not None
-    values = torch.tensor(list(norms), dtype=torch.float64)
     composite = isinstance(method, NanCoefficients)
-    if composite:
-        present = [w for w in priors if w is not None]
-        if present and len(present) != len(priors):
-            raise AdapterError(
-                f"{config.merge_method}: tensor {name!r} has a weight for some models but "
-                "not all; give every model a weight (it sets the total) or none"
-            )
-        total = math.fsum(present) if present else 1.0
-        if total == 0:
-            raise AdapterError(f"the weight total is 0 for tensor {name!r}")
-        prior = None
-    else:
-        total = lam
-        prior = [float(w) for w in priors]  # type: ignore[arg-type]
-    try:
-        shares = coefficients_from_norms(
-            values,
-            exponent=exponent,
-            prior=None if prior is None else torch.tensor(prior, dtype=torch.float64),
-        )
-    except ValueError as error:
-        raise AdapterError(f"{error} (tensor {name!r})") from None
-    weighting = Weighting(
-        models=references,
-        norms=tuple(norms),
-        shares=tuple(shares.tolist()),
-        priors=None if prior is None else tuple(prior),
-        exponent=exponent,
-        scale=total,
+    weighting = norm_weighting(
+        references,
+        torch.tensor(list(norms), dtype=torch.float64),
+        tensor=name,
+        exponent=_resolved(config, specs[NAN_EXPONENT.name], name),
+        scale=weight_total(config.merge_method, name, list(zip(references, given)), torch.float64)
+        if composite
+        else lam,
         scales_weights=composite,
+        prior=None if composite else given,
         delta=True,
     )
     return weighting, [], lam, normalize
 
 
-def _coefficients(
-    weighting: Optional[Weighting],
-    given: List[float],
-    lam: float,
-    normalize: bool,
-    norms: Sequence[float],
-    nan: bool,
+def _task_arithmetic(
+    weights: Sequence[float], lam: float, normalize: bool, norms: Sequence[float]
 ) -> Tuple[float, ...]:
-    if nan:
-        assert weighting is not None
-        total = math.fsum(weighting.shares)
-        values = [weighting.scale * share / total for share in weighting.shares]
-    else:
-        weights = list(weighting.weights) if weighting is not None else given
-        divisor = math.fsum(weights) if normalize else 1.0
-        if abs(divisor) < 1e-8:
-            divisor = 1.0
-        values = [lam * weight / divisor for weight in weights]
-    # A zero update adds exactly nothing.
-    return tuple(0.0 if norm == 0 else value for norm, value in zip(norms, values))
+    """Each ``delta_i``'s multiplier under ``task_arithmetic`` with ``weights``.
+
+    The divisor is mergekit's (``GeneralizedTaskArithmeticMerge``): the weights'
+    sum with ``normalize``, 1 where that sum is below 1e-8; a zero update gets 0.
+    """
+    divisor = math.fsum(weights) if normalize else 1.0
+    if abs(divisor) < 1e-8:
+        divisor = 1.0
+    return without_zero_updates([lam * weight / divisor for weight in weights], norms)
 
 
 def adapter_updates(
@@ -240,7 +232,8 @@ def adapter_updates(
     :func:`~mergekit_nan.granularity.pooled_weightings` gives them.
 
     Raises :class:`~mergekit_nan.doctor.adapters.AdapterError` for a method or
-    parameter an adapter merge cannot honour, naming the tensor.
+    parameter an adapter merge cannot honour, naming the tensor; a value the
+    method's specs or the core refuse raises as it does for full models.
     """
     method = factor_method(config)
     nan = isinstance(method, NanMerge)
@@ -255,10 +248,11 @@ def adapter_updates(
             "layer granularity needs the base model's layers, but mergekit does not know "
             "its architecture; use tensor or model granularity"
         )
+    specs = _specs(method)
     measured = []
     for name in names:
         lora, norms, sums, numel = _deltas(recipe, name)
-        weighting, given, lam, normalize = _weighting(config, method, recipe, name, norms)
+        weighting, given, lam, normalize = _reading(config, method, specs, recipe, name, norms)
         measured.append((name, lora, norms, sums, numel, weighting, given, lam, normalize))
     pooled: List[Optional[Weighting]] = [item[5] for item in measured]
     groups: Dict[Any, Dict[Any, float]] = {}
@@ -268,6 +262,12 @@ def adapter_updates(
         pooled = list(used)
     updates = []
     for (name, lora, norms, sums, numel, _, given, lam, normalize), used in zip(measured, pooled):
+        if nan:
+            assert used is not None
+            coefficients = used.update_coefficients(norms)
+        else:
+            weights = list(used.weights) if used is not None else given
+            coefficients = _task_arithmetic(weights, lam, normalize, norms)
         updates.append(
             TensorUpdate(
                 name=name,
@@ -277,7 +277,7 @@ def adapter_updates(
                 sums=tuple(sums),
                 numel=numel,
                 weighting=used,
-                coefficients=_coefficients(used, given, lam, normalize, norms, nan),
+                coefficients=coefficients,
             )
         )
     return updates, groups

@@ -6,7 +6,7 @@ from typing import Callable, List
 
 import click
 
-from mergekit_nan.commands.common.options import apply_options, reading_options
+from mergekit_nan.commands.common.options import apply_options, mergekit_option, reading_options
 
 __all__ = ["compare_options", "task_options"]
 
@@ -140,9 +140,7 @@ def compare_options(command: Callable) -> Callable:
             default=None,
             help="Where each merge lives while it is evaluated [default: the temp directory]",
         ),
-        click.option(
-            "--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)"
-        ),
+        mergekit_option("random_seed"),
         *reading_options(
             device="Merge and evaluate on this device (e.g. cuda:0)",
             cuda="Merge and evaluate on the GPU(s)",

@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
-import yaml
 from mergekit import merge_methods
 from mergekit.options import MergeOptions
 
@@ -28,6 +27,7 @@ from mergekit_nan.commands.compare.task_summary import with_tasks
 from mergekit_nan.commands.compare.tasks import TaskSettings, plan_tasks
 from mergekit_nan.doctor.heldout import check_distinct
 from mergekit_nan.parameters import NAN_GRANULARITIES
+from mergekit_nan.recipe import RecipeFile, read_recipe
 from mergekit_nan.registration import register_methods
 
 __all__ = ["CompareOutputs", "Sweeps", "compare", "plan_comparison"]
@@ -40,7 +40,7 @@ class Sweeps:
     exponents: Optional[str] = None
     lambdas: Optional[str] = None
     granularities: Optional[str] = None
-    against: Tuple[str, ...] = ()
+    against: Sequence[Union[str, RecipeFile]] = ()
     inputs: bool = False
 
 
@@ -55,12 +55,8 @@ class CompareOutputs:
     overwrite: bool = False
 
 
-def _read(path: str) -> Dict:
-    with open(path, encoding="utf-8") as file:
-        data = yaml.safe_load(file)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a mergekit recipe (expected a YAML mapping)")
-    return data
+def _read(source: Union[str, RecipeFile]) -> RecipeFile:
+    return source if isinstance(source, RecipeFile) else read_recipe(source)
 
 
 def _takes_lambda(method_name: str) -> bool:
@@ -81,7 +77,7 @@ def _task_only(tasks: TaskSettings) -> Tuple[Tuple[str, object], ...]:
 
 
 def plan_comparison(
-    config_file: str,
+    config_file: Union[str, RecipeFile],
     data: Sequence[str],
     sweeps: Sweeps,
     settings: CompareSettings,
@@ -106,13 +102,15 @@ def plan_comparison(
             raise ValueError(
                 f"--granularity: {value!r} is not one of {', '.join(NAN_GRANULARITIES)}"
             )
-    recipe = _read(config_file)
+    recipe = _read(config_file).mapping()
     candidates = build_candidates(
         recipe,
         exponents=parse_values("--exponent", sweeps.exponents, float),
         lambdas=parse_values("--lambda", sweeps.lambdas, float),
         granularities=granularities,
-        against=[(os.path.basename(path), _read(path)) for path in sweeps.against],
+        against=[
+            (os.path.basename(other.path), other.mapping()) for other in map(_read, sweeps.against)
+        ],
         inputs=sweeps.inputs,
         takes_lambda=_takes_lambda(str(recipe.get("merge_method"))),
     )

@@ -28,13 +28,11 @@ configuration before planning.
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import yaml
 from mergekit import merge_methods
 from mergekit.architecture import WeightInfo
 from mergekit.common import ModelReference
@@ -52,26 +50,19 @@ from mergekit_nan.granularity import (
     without_granularity,
 )
 from mergekit_nan.measure import measuring
-from mergekit_nan.mergekit_compat import plan_recipe
+from mergekit_nan.mergekit_compat import module_layers, plan_recipe, planned_tasks
 from mergekit_nan.modifier import NanCoefficients
-from mergekit_nan.parameters import NAN_GRANULARITIES, Granularity
-from mergekit_nan.registration import is_nan_method, modifiable_methods, register_methods
+from mergekit_nan.parameters import Granularity
+from mergekit_nan.recipe import require_nan_recipe
 from mergekit_nan.weighting import Weighting
 
 __all__ = [
-    "GRANULARITIES",
     "Granularity",
     "Inspection",
     "TensorCoefficients",
-    "check_models",
-    "require_nan_recipe",
-    "uses_nan",
     "inspect_recipe",
     "measure_recipe",
-    "load_recipe",
 ]
-
-GRANULARITIES = NAN_GRANULARITIES
 
 
 @dataclass(frozen=True)
@@ -147,49 +138,6 @@ class _Placement:
     inputs: Tuple[str, ...]
 
 
-def load_recipe(path: str) -> MergeConfiguration:
-    """Read a mergekit YAML recipe; ``FileNotFoundError``/``ValueError`` on bad input."""
-    with open(path, encoding="utf-8") as file:
-        data = yaml.safe_load(file)
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} is not a mergekit recipe (expected a YAML mapping)")
-    return MergeConfiguration.model_validate(data)
-
-
-def _check_method(config: MergeConfiguration) -> None:
-    name = config.merge_method
-    if not uses_nan(config):
-        choices = ", ".join(f"{m}+nan" for m in modifiable_methods())
-        raise ValueError(
-            f"the recipe's merge_method is {name!r}, which does not use NAN "
-            f"coefficients; use nan or one of {choices}"
-        )
-
-
-def _looks_local(path: str) -> bool:
-    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") != 1
-
-
-def check_models(config: MergeConfiguration) -> None:
-    """Refuse a recipe whose local models (or LoRA adapters) do not exist."""
-    for model in config.referenced_models():
-        for part in (model.model, model.lora):
-            if part is not None and _looks_local(part.path) and not os.path.exists(part.path):
-                raise FileNotFoundError(f"model {model} not found: no such directory {part.path}")
-
-
-def uses_nan(config: MergeConfiguration) -> bool:
-    """Whether the recipe's merge method is ``nan`` or a ``<method>+nan`` (NAN coefficients)."""
-    register_methods()
-    return is_nan_method(merge_methods.get(config.merge_method))
-
-
-def require_nan_recipe(config: MergeConfiguration) -> None:
-    """Refuse a recipe without a NAN method, or with local models that do not exist."""
-    _check_method(config)
-    check_models(config)
-
-
 def _kind(name: str, layer: Optional[int]) -> str:
     if layer is not None:
         marker = f".{layer}."
@@ -212,7 +160,7 @@ class _RecordingPlanner(MergePlanner):
         super().plan_module(module_name, definition)
 
     def plan_layer(self, sources, layer_offset, t, cfg_reader, module_name):
-        self._layer = self._current_module_layers
+        self._layer = module_layers(self)
         try:
             super().plan_layer(sources, layer_offset, t, cfg_reader, module_name)
         finally:
@@ -225,9 +173,9 @@ class _RecordingPlanner(MergePlanner):
         models: List[ModelReference],
         cfg_reader,
     ):
-        before = len(self._tensors)
+        before = len(planned_tasks(self))
         super().plan_tensor(weight, weights_in, models, cfg_reader)
-        if len(self._tensors) == before:
+        if len(planned_tasks(self)) == before:
             return
         slices = self.config.modules[self._module_name].slices
         index = next(i for i, s in enumerate(slices) if s is cfg_reader.slice_out)
@@ -325,8 +273,7 @@ def measure_recipe(
         for model in config.referenced_models():
             loaders.get(model)
         planner = plan_recipe(config, options, _RecordingPlanner)
-        # The planner's own tensor list: (output WeightInfo, merge task) pairs.
-        planned = planner._tensors
+        planned = planned_tasks(planner)  # (output WeightInfo, merge task) pairs
         tasks = [_CoefficientTask(merge=merge) for _, merge in planned]
         if options.multi_gpu:
             # Each tensor's norms are computed on the GPU that holds it.

@@ -14,7 +14,7 @@ import click
 
 from mergekit_nan.commands.common.messages import one_line, reported
 from mergekit_nan.commands.common.options import merge_options, mergekit_options, writing_options
-from mergekit_nan.commands.common.preflight import check_writable, preflight, single_document
+from mergekit_nan.commands.common.preflight import check_writable, preflight
 
 __all__ = ["merge_command"]
 
@@ -23,28 +23,6 @@ __all__ = ["merge_command"]
 @click.argument("config_file", type=click.Path(exists=True, dir_okay=False))
 @click.argument("out_path", type=click.Path(file_okay=False))
 @click.option("--save-frozen", default=None, help="Also write the frozen stock recipe (YAML) here")
-@click.option("--random-seed", type=int, default=None, help="Seed for random methods (DARE, DELLA)")
-@click.option(
-    "--out-shard-size", default="5B", show_default=True, help="Parameters per output shard"
-)
-@click.option(
-    "--lazy-unpickle/--no-lazy-unpickle",
-    default=False,
-    show_default=True,
-    help="mergekit's experimental lazy unpickler (less memory)",
-)
-@click.option(
-    "--copy-tokenizer/--no-copy-tokenizer",
-    default=True,
-    show_default=True,
-    help="Copy a tokenizer to the output",
-)
-@click.option(
-    "--write-model-card/--no-write-model-card",
-    default=True,
-    show_default=True,
-    help="Write README.md naming NAN, the granularity and the coefficients",
-)
 @click.option(
     "--overwrite",
     is_flag=True,
@@ -63,18 +41,15 @@ __all__ = ["merge_command"]
     help="Adapter recipes: write the full merged model (mergekit over BASE+ADAPTER "
     "models, any method) instead of one LoRA adapter",
 )
-@writing_options
+@writing_options(
+    write_model_card="Write README.md naming NAN, the granularity and the coefficients"
+)
 @mergekit_options
 @reported
 def merge_command(
     config_file: str,
     out_path: str,
     save_frozen: Optional[str],
-    random_seed: Optional[int],
-    out_shard_size: str,
-    lazy_unpickle: bool,
-    copy_tokenizer: bool,
-    write_model_card: bool,
     overwrite: bool,
     rank: Optional[int],
     full_model: bool,
@@ -91,13 +66,10 @@ def merge_command(
     bit; layer and model measure the norms in one streaming pass, freeze the
     coefficients into a stock recipe and merge it with mergekit.
     """
-    from mergekit.common import parse_kmb
-
     from mergekit_nan.commands.adapters.coefficients import base_adapter_config
     from mergekit_nan.commands.adapters.merge import adapter_merge_or_stock, merge_adapters
     from mergekit_nan.commands.common.interrupts import Terminated, stopped_by_signals
     from mergekit_nan.commands.common.output import OutputNotEmpty, leftovers
-    from mergekit_nan.commands.inspection.coefficient_pass import load_recipe
     from mergekit_nan.commands.merge.run import merge_recipe
     from mergekit_nan.doctor.guard import suspended
 
@@ -109,29 +81,22 @@ def merge_command(
             "delete it once no merge into it is running",
             err=True,
         )
-    single_document(config_file)
-    preflight(config_file, arguments, out_path=out_path, ignore=("output-not-empty",))
+    recipe = preflight(
+        config_file, arguments, out_path=out_path, ignore=("output-not-empty",), single=True
+    )
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise OutputNotEmpty(
             f"output directory {out_path} is not empty; pass --overwrite to replace it "
             "(its content stays until the new model is complete)"
         )
-    options = merge_options(arguments).model_copy(
-        update={
-            "random_seed": random_seed,
-            "out_shard_size": parse_kmb(out_shard_size),
-            "lazy_unpickle": lazy_unpickle,
-            "copy_tokenizer": copy_tokenizer,
-            "write_model_card": write_model_card,
-        }
-    )
+    options = merge_options(arguments)
     if options.num_threads is not None:  # as the stock mergekit-yaml sets them
         options.apply_global_options()
-    source = Path(config_file).read_text(encoding="utf-8")
+    source = recipe.text
     try:
         # The preflight has reported every finding already; SIGTERM unwinds like Ctrl-C.
         with suspended(), stopped_by_signals():
-            config = load_recipe(config_file)
+            config = recipe.config()
             adapters = adapter_merge_or_stock(config, rank=rank, full_model=full_model)
             if adapters is not None and not full_model:
                 merged = merge_adapters(
@@ -141,7 +106,7 @@ def merge_command(
                     granularity=arguments["granularity"],
                     rank=rank,
                     config_source=source,
-                    write_model_card=write_model_card,
+                    write_model_card=options.write_model_card,
                     overwrite=overwrite,
                     save_frozen=save_frozen,
                     source_name=os.path.basename(config_file),

@@ -43,25 +43,20 @@ import torch
 import yaml
 from mergekit.config import MergeConfiguration
 from mergekit.io.tasks import LoaderCache
-from mergekit.io.tensor_writer import TensorWriter
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.common.output import atomic_directory, write_files
-from mergekit_nan.commands.inspection.coefficient_pass import (
-    Inspection,
-    check_models,
-    measure_recipe,
-    require_nan_recipe,
-    uses_nan,
-)
+from mergekit_nan.commands.inspection.coefficient_pass import Inspection, measure_recipe
 from mergekit_nan.commands.inspection.freeze import freeze_recipe, frozen_yaml
 from mergekit_nan.commands.inspection.premise import premise, recorded_premise
 from mergekit_nan.commands.merge.card import card_files, stock_card_files, write_card_files
 from mergekit_nan.errors import TensorError
 from mergekit_nan.granularity import resolve_granularity, without_granularity
 from mergekit_nan.measure import recording
+from mergekit_nan.mergekit_compat import checking_saved_tensors
 from mergekit_nan.parameters import Granularity
+from mergekit_nan.recipe import check_models, require_nan_recipe, uses_nan
 
 __all__ = ["MergeResult", "finite_outputs", "merge_recipe"]
 
@@ -124,23 +119,18 @@ def finite_outputs() -> Iterator[None]:
     before the tensor reaches a shard, so a caller writing into a partial
     directory discards it whole.
     """
-    original = TensorWriter.save_tensor
-
-    def save_tensor(self, name: str, tensor: torch.Tensor, clone: bool = False):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            bad = int((~torch.isfinite(tensor)).sum())
-            raise TensorError(
-                f"merged tensor {name!r} has {bad} NaN/Inf values of {tensor.numel()}: an "
-                "input holds NaN/Inf there, or the recipe divides by zero or overflows the "
-                "dtype (mergekit-nan check RECIPE looks for the recipe's part)"
-            )
-        return original(self, name, tensor, clone=clone)
-
-    TensorWriter.save_tensor = save_tensor
-    try:
+    with checking_saved_tensors(_refuse_non_finite):
         yield
-    finally:
-        TensorWriter.save_tensor = original
+
+
+def _refuse_non_finite(name: str, tensor: torch.Tensor) -> None:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise TensorError(
+            f"merged tensor {name!r} has {bad} NaN/Inf values of {tensor.numel()}: an "
+            "input holds NaN/Inf there, or the recipe divides by zero or overflows the "
+            "dtype (mergekit-nan check RECIPE looks for the recipe's part)"
+        )
 
 
 def _refuse_nan_options(

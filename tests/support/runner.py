@@ -1,6 +1,9 @@
 """Run installed console commands (stock mergekit's and ``mergekit-nan``) as a user would.
 
-Two ways, both through the command's installed console-script entry point:
+The suite's one command runner: every test that runs ``mergekit-nan`` or a stock
+command gets a :class:`subprocess.CompletedProcess` (``returncode``, ``stdout``,
+``stderr``), whichever way it ran. Two ways, both through the command's installed
+console-script entry point:
 
 * :func:`run_command` runs it in this interpreter, with stdout, stderr, the
   log records a fresh process would print (``logging.basicConfig``'s format)
@@ -38,7 +41,9 @@ import warnings
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence
+
+from .recipes import write_recipe
 
 PRELOAD = ["mergekit.scripts.run_yaml", "mergekit.scripts.multimerge", "mergekit_nan.commands.cli"]
 """What the fork server imports once; every child starts with it."""
@@ -85,10 +90,14 @@ def _as_a_process(stdout: io.StringIO, stderr: io.StringIO) -> Iterator[None]:
 
 
 def run_command(
-    name: str, *args: str, cwd: Optional[Path] = None, check: bool = False
+    name: str, *args: object, cwd: Optional[Path] = None, check: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run the installed command ``name`` in this process; returns what a shell would get."""
+    """Run the installed command ``name`` in this process; returns what a shell would get.
+
+    ``args`` are passed as strings (paths may be given as they are).
+    """
     main = command(name)
+    args = tuple(str(arg) for arg in args)
     stdout, stderr = io.StringIO(), io.StringIO()
     previous = os.getcwd()
     code = 0
@@ -113,6 +122,45 @@ def run_command(
     if check and code != 0:
         raise AssertionError(f"{name} exited with {code}:\n{result.stderr[-4000:]}")
     return result
+
+
+def run_mergekit_yaml(
+    config: Dict, out: Path, *extra: str, check: bool = True, copy_tokenizer: bool = False
+) -> subprocess.CompletedProcess:
+    """Write ``config`` next to ``out`` and run the stock ``mergekit-yaml`` on it.
+
+    The command runs in this process (:func:`run_command`). The tiny fixtures
+    have no tokenizer, so ``--no-copy-tokenizer`` is passed unless ``copy_tokenizer``.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    config_path = write_recipe(out.parent / f"{out.name}.yml", config)
+    copy = () if copy_tokenizer else ("--no-copy-tokenizer",)
+    result = run_command("mergekit-yaml", str(config_path), str(out), *copy, *extra)
+    if check and result.returncode != 0:
+        raise AssertionError(f"mergekit-yaml failed:\n{result.stderr[-4000:]}")
+    return result
+
+
+def run_merge(
+    recipe: Path, out: Path, *extra: object, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``mergekit-nan merge RECIPE OUT --no-copy-tokenizer EXTRA...`` in this process
+    (:func:`run_command`); with ``check`` a non-zero exit fails the test with its stderr."""
+    return run_command(
+        "mergekit-nan", "merge", recipe, out, "--no-copy-tokenizer", *extra, check=check
+    )
+
+
+def assert_clean_failure(result: subprocess.CompletedProcess, out: Path, *words: str) -> None:
+    """A command's clean failure: exit 1, one ``Error: ...`` line naming ``words``, and
+    nothing written at ``out`` (no partial output beside it either)."""
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+    assert not list(out.parent.glob(f".{out.name}.*"))
 
 
 # -- real processes, forked from a server that has imported everything once ---------------
