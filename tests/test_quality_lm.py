@@ -181,3 +181,50 @@ def test_quality_lm_tiny_with_lora_experts(
     assert len(payload["checks"]) == payload["merges"]
     assert all(c["deviation"] < 1e-5 for c in payload["checks"])
     assert not work.exists()
+
+
+def test_accuracy_task_asks_for_the_true_next_bytes_among_other_documents(
+    quality_lm: ModuleType, tmp_path: Path
+) -> None:
+    """--accuracy's questions: each window's context, its true last bytes among three
+    distractors cut at the same place from windows of other documents, written for lm-eval."""
+    import yaml
+
+    step = importlib.import_module("quality_lm_compare")
+    documents = [bytes([65 + d]) * 20 + bytes(range(d * 40, d * 40 + 40)) for d in range(4)]
+    name = step.choice_task(tmp_path, "some-domain", documents, context=30, seed=1)
+    assert name == "qlm_some_domain"
+    config = yaml.safe_load((tmp_path / f"{name}.yaml").read_text())
+    assert config["task"] == name and config["output_type"] == "multiple_choice"
+    rows = [json.loads(line) for line in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    windows = [(d, doc[s : s + 30]) for d, doc in enumerate(documents) for s in (0, 30)]
+    assert len(rows) == len(windows)
+    prefix = 30 - step.CONTINUATION
+    for row, (number, window) in zip(rows, windows):
+        assert row["context"].encode("latin-1") == window[:prefix]
+        choices = [c.encode("latin-1") for c in row["choices"]]
+        assert len(choices) == 4 and choices[row["gold"]] == window[prefix:]
+        ends = {w[prefix:]: d for d, w in windows}
+        others = [c for i, c in enumerate(choices) if i != row["gold"]]
+        assert all(ends[c] != number for c in others)
+
+
+def test_quality_lm_tiny_compare_with_accuracy(
+    quality_lm: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--compare --accuracy: compare --task scores each domain's multiple-choice task."""
+    pytest.importorskip("lm_eval")
+    work, out = tmp_path / "work", tmp_path / "accuracy.json"
+    arguments = ["--size", "tiny", "--experiment", "three-domain", "--regime", "steps"]
+    arguments += ["--compare", "--accuracy", "--out", str(work), "--json", str(out)]
+    status = quality_lm.main(arguments)
+    stdout, stderr = capsys.readouterr()
+    if status == 2 and "is too small on this machine" in stderr:
+        pytest.skip(stderr.strip().splitlines()[-1])
+    assert status == 0, stderr[-4000:]
+    (entry,) = json.loads(out.read_text())["compare"]
+    tasks = {f"qlm_{d.replace('-', '_')}" for d in DOMAINS}
+    assert set(entry["nan_accuracy"]) == tasks
+    for label in ("uniform", "nan"):
+        assert all(0 <= entry["accuracy"][label][t] <= 1 for t in tasks)
+    assert "accuracy minus uniform's" in stdout

@@ -109,6 +109,12 @@ def _arguments(argv: Optional[Sequence[str]]) -> argparse.Namespace:
         "test split (nan at its chosen lambda, --exponent -1)",
     )
     parser.add_argument(
+        "--accuracy",
+        action="store_true",
+        help="with --compare: also score a multiple-choice task per domain built from its test "
+        "split (compare --task; needs lm-eval)",
+    )
+    parser.add_argument(
         "--combine",
         type=Path,
         nargs="+",
@@ -148,7 +154,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     try:
         try:
-            run = Run(settings, work, args.pair_domain, compare=args.compare)
+            run = Run(
+                settings, work, args.pair_domain, compare=args.compare, accuracy=args.accuracy
+            )
         except data.CorpusError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2

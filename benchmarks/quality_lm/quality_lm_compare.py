@@ -12,11 +12,18 @@ The checkpoints are byte-level and carry no tokenizer; this step saves one in
 the base and in each expert: a ``tokenizers`` BPE without merges over the 256
 characters U+0000..U+00FF, so that text written as the Latin-1 decoding of the
 bytes tokenizes to exactly the byte values the models were trained on (the
-document separator, token 256, is not used). Each test document is cut into
+document separator, token 256, is its end-of-text token, which lm-eval needs; the
+held-out text never holds it). Each test document is cut into
 pieces of the models' context (``--max-length`` is the context), each piece one
 held-out document, close to the benchmark's non-overlapping windows: compare
 predicts bytes 2..n of each piece (nats per token are nats per byte here), the
 benchmark every byte of a window.
+
+With ``tasks`` (``quality_lm.py --compare --accuracy``) compare also scores one
+lm-eval multiple-choice task per domain, built from the same test split
+(:func:`choice_task`): which of four continuations follows a context? The
+true next bytes against three taken from other documents of the same domain;
+accuracy, the task's metric, gets the same paired intervals and pick.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import random
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -32,19 +40,37 @@ from typing import Dict, List, Sequence
 import yaml
 from quality_lm_merges import UNIFORM
 
-__all__ = ["NAN_TENSOR", "CompareStep", "byte_tokenizer", "compare_entry", "compare_table"]
+__all__ = [
+    "NAN_TENSOR",
+    "CompareStep",
+    "byte_tokenizer",
+    "accuracy_table",
+    "choice_task",
+    "compare_entry",
+    "compare_table",
+]
+
+CONTINUATION = 16
+"""Bytes of each choice of the accuracy tasks; the context is the model's context minus these."""
 
 NAN_TENSOR = "nan (tensor, p=1)"
 """The benchmark's row whose recipe (at its chosen ``lambda``) compare is given."""
 
 
+SEPARATOR = "<|separator|>"
+"""The document separator's token (id 256): lm-eval needs an end-of-text token."""
+
+
 def byte_tokenizer():
-    """A fast tokenizer whose ids are the code points U+0000..U+00FF, one per character."""
+    """A fast tokenizer whose ids are the code points U+0000..U+00FF, one per character, and
+    the document separator (256) as its end-of-text token."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
     vocabulary = {chr(value): value for value in range(256)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocabulary, merges=[])))
+    tokenizer = Tokenizer(models.BPE(vocabulary, merges=[]))
+    tokenizer.add_special_tokens([SEPARATOR])  # id 256, the document separator
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=SEPARATOR)
 
 
 def held_out_file(path: Path, documents: Sequence[bytes], context: int) -> int:
@@ -59,12 +85,56 @@ def held_out_file(path: Path, documents: Sequence[bytes], context: int) -> int:
     return pieces
 
 
+def choice_task(
+    folder: Path, domain: str, documents: Sequence[bytes], context: int, seed: int
+) -> str:
+    """An lm-eval multiple-choice task YAML (and its ``.jsonl``) for one domain; its name.
+
+    Each ``context``-byte window of a test document is one question: its first
+    ``context - CONTINUATION`` bytes the context, its last ``CONTINUATION`` the
+    true continuation; the three distractors are the same bytes of three windows
+    of other documents of the domain, drawn with ``seed``. Text is the Latin-1
+    decoding of the bytes (the byte tokenizer's ids), choices follow the context
+    directly.
+    """
+    rng = random.Random(f"{domain}-{seed}")
+    windows = [
+        (number, document[start : start + context])
+        for number, document in enumerate(documents)
+        for start in range(0, len(document) - context + 1, context)
+    ]
+    prefix = context - CONTINUATION
+    name = "qlm_" + domain.replace("-", "_")
+    with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as file:
+        for number, window in windows:
+            elsewhere = [i for i, (other, _) in enumerate(windows) if other != number]
+            if len(elsewhere) < 3:
+                raise ValueError(f"{domain}: too few test windows in other documents")
+            others = rng.sample(elsewhere, 3)
+            choices = [windows[i][1][prefix:] for i in others]
+            gold = rng.randrange(4)
+            choices.insert(gold, window[prefix:])
+            record = {"context": window[:prefix].decode("latin-1"),
+                      "choices": [c.decode("latin-1") for c in choices], "gold": gold}  # fmt: skip
+            file.write(json.dumps(record) + "\n")
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n"
+        f"  data_files:\n    test: {folder / f'{name}.jsonl'}\ntest_split: test\n"
+        "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: '{{gold}}'\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n",
+        encoding="utf-8",
+    )
+    return name
+
+
 @dataclass
 class CompareStep:
     """Runs ``mergekit-nan compare`` through its installed entry point, in this process."""
 
     context: int
     resamples: int = 1000
+    tasks: bool = False
 
     def __post_init__(self) -> None:
         (script,) = [e for e in entry_points(group="console_scripts") if e.name == "mergekit-nan"]
@@ -100,6 +170,13 @@ class CompareStep:
         for domain, documents in test.items():
             held_out_file(work / f"{domain}.jsonl", documents, self.context)
             arguments += ["--data", str(work / f"{domain}.jsonl")]
+            if self.tasks:
+                (work / "tasks").mkdir(exist_ok=True)
+                choice_task(work / "tasks", domain, documents, self.context, seed)
+                arguments += [
+                    "--task",
+                    str(work / "tasks" / f"qlm_{domain.replace('-', '_')}.yaml"),
+                ]
         arguments += ["--exponent", "-1", "--max-length", str(self.context), "--seed", str(seed),
                       "--bootstrap", str(self.resamples), "--json", str(work / "compare.json"),
                       "--work-dir", str(work), "--quiet"]  # fmt: skip
@@ -134,6 +211,16 @@ def compare_entry(
         entry[key] = {
             **{d: _difference(candidate["vs_baseline"][names[d]]) for d in domains},
             "overall": _difference(candidate["vs_baseline_overall"]),
+        }
+    if "tasks" in found:
+        for label, key in (("nan", "nan"), ("nan exponent=-1", "exponent_minus_1")):
+            entry[f"{key}_accuracy"] = {
+                name: _difference(value)
+                for name, value in by_label[label]["vs_baseline_tasks"].items()
+            }
+        entry["accuracy"] = {
+            label: {name: c["tasks"][name]["value"] for name in c["tasks"]}
+            for label, c in by_label.items()
         }
     entry["pick"] = found["pick"]["label"]
     entry["regime_line"] = found["regime"]
@@ -173,4 +260,29 @@ def compare_table(record) -> List[str]:
             f"| {_cell(entry['exponent_minus_1']['overall'])} | {own} | {entry['pick']} "
             f"| {reading} |"
         )
+    return lines
+
+
+def accuracy_table(record) -> List[str]:
+    """Per regime, seed and domain: compare's accuracy differences from uniform (Markdown)."""
+    entries = [e for e in record.compare if "nan_accuracy" in e]
+    if not entries:
+        return []
+    lines = [
+        "accuracy: the same compare runs on one multiple-choice task per domain (which of four "
+        f"{CONTINUATION}-byte continuations follows the context: the true one or three from "
+        "other test windows of the domain); accuracy minus uniform's, 95% paired bootstrap "
+        "intervals over questions. Positive = better than uniform.",
+        "",
+        "| regime | seed | task | uniform's accuracy | nan - uniform | p=-1 - uniform |",
+        "|---|---|---|---|---|---|",
+    ]
+    for entry in entries:
+        for task, nan in entry["nan_accuracy"].items():
+            uniform = entry["accuracy"]["uniform"][task]
+            minus = entry["exponent_minus_1_accuracy"][task]
+            lines.append(
+                f"| {entry['regime']} | {entry['seed']} | {task} | {uniform:.3f} | {_cell(nan)} "
+                f"| {_cell(minus)} |"
+            )
     return lines

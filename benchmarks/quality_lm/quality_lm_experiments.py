@@ -101,11 +101,17 @@ class Run:
     """One benchmark run: corpora, the shared base, the merger and the record."""
 
     def __init__(
-        self, settings: train.Settings, work: Path, pair_domain: str, compare: bool = False
+        self,
+        settings: train.Settings,
+        work: Path,
+        pair_domain: str,
+        compare: bool = False,
+        accuracy: bool = False,
     ) -> None:
         self.settings = settings
-        self.compare = CompareStep(settings.context) if compare else None
-        """With ``--compare``: ``mergekit-nan compare`` after each three-domain experiment."""
+        self.compare = CompareStep(settings.context, tasks=accuracy) if compare else None
+        """With ``--compare``: ``mergekit-nan compare`` after each three-domain experiment
+        (with ``--accuracy``, also on a multiple-choice task per domain)."""
         self.work = work
         self.pair_domain = pair_domain
         self.started = time.perf_counter()

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from quality_lm_compare import compare_table
+from quality_lm_compare import accuracy_table, compare_table
 from quality_lm_merges import UNIFORM, spearman
 
 Key = Tuple[str, str, str]
@@ -352,6 +352,8 @@ def report(record: Record, header: Header) -> str:
     if record.compare:
         lines += ["", "### mergekit-nan compare on the experts and the test split", ""]
         lines += compare_table(record)
+        accuracy = accuracy_table(record)
+        lines += [""] + accuracy if accuracy else []
     return "\n".join(lines)
 
 

@@ -198,7 +198,8 @@ def demo_command(out: Optional[str], keep: bool, verbose: bool) -> None:
 @reported
 def compare_command(config_file: str, **arguments: Any) -> None:
     """Does NAN help? Merge CONFIG_FILE and its baseline without NAN (and any sweeps),
-    score each on held-out --data and say which is better, with bootstrap intervals.
+    score each on held-out --data and on lm-eval --task benchmarks, and say which is
+    better, with bootstrap intervals.
 
     Each candidate is merged once by mergekit, evaluated in batches and deleted
     (one merged model on disk at a time); nothing is merged before every model,
@@ -207,6 +208,7 @@ def compare_command(config_file: str, **arguments: Any) -> None:
     from mergekit_nan.commands.common.output import OutputNotEmpty
     from mergekit_nan.commands.compare.run import CompareOutputs, Sweeps, compare, plan_comparison
     from mergekit_nan.commands.compare.settings import CompareSettings
+    from mergekit_nan.commands.compare.tasks import TaskSettings
     from mergekit_nan.commands.inspection import report
 
     a = arguments
@@ -225,9 +227,14 @@ def compare_command(config_file: str, **arguments: Any) -> None:
         a["work_dir"],
     )  # fmt: skip
     sweeps = Sweeps(a["exponent"], a["lambdas"], a["granularity"], against, a["inputs"])
+    tasks = TaskSettings(
+        a["tasks"], a["include_path"], a["limit"], a["num_fewshot"], a["apply_chat_template"],
+        a["gen_kwargs"], a["metric"], a["task_batch_size"],
+    )  # fmt: skip
     prepared = plan_comparison(
-        recipe, a["data"], sweeps, settings, trust_remote_code=a["trust_remote_code"]
-    )
+        recipe, a["data"], sweeps, settings, tasks=tasks,
+        trust_remote_code=a["trust_remote_code"],
+    )  # fmt: skip
     options = merge_options(a)
     outputs = CompareOutputs(a["json_file"], a["csv_file"], a["plot_file"], keep, a["overwrite"])
     try:

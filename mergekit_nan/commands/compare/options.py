@@ -2,13 +2,61 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, List
 
 import click
 
 from mergekit_nan.commands.common.options import apply_options, mergekit_option, reading_options
 
-__all__ = ["compare_options"]
+__all__ = ["compare_options", "task_options"]
+
+
+def task_options() -> List[Callable]:
+    """The ``--task`` options (lm-evaluation-harness; the ``tasks`` extra)."""
+    return [
+        click.option(
+            "--task",
+            "tasks",
+            multiple=True,
+            help="An lm-eval task or group name, or a task YAML file: score every candidate in "
+            "its metric too (repeatable; needs 'mergekit-nan[tasks]')",
+        ),
+        click.option(
+            "--include-path",
+            type=click.Path(file_okay=False),
+            default=None,
+            help="A folder of lm-eval task YAML files, as lm-eval's own option",
+        ),
+        click.option(
+            "--limit",
+            type=click.IntRange(min=1),
+            default=None,
+            help="A seeded sample of at most this many documents per task (by --seed)",
+        ),
+        click.option(
+            "--num-fewshot", type=click.IntRange(min=0), default=None, help="Few-shot examples"
+        ),
+        click.option(
+            "--apply-chat-template", is_flag=True, help="Render task prompts with the chat template"
+        ),
+        click.option(
+            "--gen-kwargs",
+            default=None,
+            help="Generation settings for generate-until tasks (temperature=0,max_gen_toks=64)",
+        ),
+        click.option(
+            "--metric",
+            default=None,
+            help="The task metric that decides [default: each task's first mean metric]",
+        ),
+        click.option(
+            "--task-batch-size",
+            type=click.IntRange(min=1),
+            default=8,
+            show_default=True,
+            help="lm-eval's batch size",
+        ),
+    ]
 
 
 def compare_options(command: Callable) -> Callable:
@@ -17,10 +65,10 @@ def compare_options(command: Callable) -> Callable:
         click.option(
             "--data",
             multiple=True,
-            required=True,
             help="Held-out documents: .txt (a line each), .jsonl (text or messages), .parquet, .csv "
             "or a saved datasets directory (a text column); repeat for several files",
         ),
+        *task_options(),
         click.option(
             "--exponent", default=None, help="Also merge with these nan_exponent values (1,0,-1)"
         ),

@@ -1,7 +1,7 @@
 """``mergekit-nan compare``'s steps in order, behind the click command.
 
 Everything that can be wrong (sweep values, recipes, models, tokenizers,
-data files) is found by :func:`plan_comparison` before the first merge;
+data files, tasks) is found by :func:`plan_comparison` before the first merge;
 :func:`compare` then merges and evaluates, writes the requested files (each
 whole or not at all) and, with ``keep``, the winner as a model through the
 same atomic path as ``mergekit-nan merge``.
@@ -10,9 +10,9 @@ same atomic path as ``mergekit-nan merge``.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 from mergekit import merge_methods
 from mergekit.options import MergeOptions
@@ -23,6 +23,8 @@ from mergekit_nan.commands.compare.candidates import build_candidates, parse_val
 from mergekit_nan.commands.compare.score import merge_candidate, run_compare
 from mergekit_nan.commands.compare.settings import CompareSettings, Prepared, prepare
 from mergekit_nan.commands.compare.summary import Summary, summarize
+from mergekit_nan.commands.compare.task_summary import with_tasks
+from mergekit_nan.commands.compare.tasks import TaskSettings, plan_tasks
 from mergekit_nan.doctor.heldout import check_distinct
 from mergekit_nan.parameters import NAN_GRANULARITIES
 from mergekit_nan.recipe import RecipeFile, read_recipe
@@ -63,15 +65,36 @@ def _takes_lambda(method_name: str) -> bool:
     return any(p.name == "lambda" for p in method.spec.parameters)
 
 
+def _task_only(tasks: TaskSettings) -> Tuple[Tuple[str, object], ...]:
+    return (
+        ("--include-path", tasks.include_path),
+        ("--limit", tasks.limit),
+        ("--num-fewshot", tasks.num_fewshot is not None),
+        ("--apply-chat-template", tasks.apply_chat_template),
+        ("--gen-kwargs", tasks.gen_kwargs),
+        ("--metric", tasks.metric),
+    )
+
+
 def plan_comparison(
     config_file: Union[str, RecipeFile],
     data: Sequence[str],
     sweeps: Sweeps,
     settings: CompareSettings,
     *,
+    tasks: Optional[TaskSettings] = None,
     trust_remote_code: bool = False,
 ) -> Prepared:
-    """Candidates built, models, tokenizers and data checked, documents tokenized."""
+    """Candidates built, models, tokenizers, data and tasks checked, documents tokenized."""
+    tasks = tasks or TaskSettings()
+    if not data and not tasks.names:
+        raise ValueError(
+            "give held-out text (--data FILE), a benchmark task (--task NAME), or both"
+        )
+    if not tasks.names:
+        given = [name for name, value in _task_only(tasks) if value]
+        if given:
+            raise ValueError(f"{', '.join(given)} applies to --task, which is not given")
     check_distinct(data)
     granularities = parse_values("--granularity", sweeps.granularities, str)
     for value in granularities:
@@ -91,7 +114,10 @@ def plan_comparison(
         inputs=sweeps.inputs,
         takes_lambda=_takes_lambda(str(recipe.get("merge_method"))),
     )
-    return prepare(candidates, data, settings, trust_remote_code=trust_remote_code)
+    prepared = prepare(candidates, data, settings, trust_remote_code=trust_remote_code)
+    if tasks.names:
+        prepared = replace(prepared, tasks=plan_tasks(tasks, seed=settings.seed))
+    return prepared
 
 
 def compare(
@@ -110,8 +136,9 @@ def compare(
             "note: the baseline drops the weight priors of "
             + ", ".join(prepared.candidates.dropped)
         )
-    losses = run_compare(prepared, options, settings, echo=echo)
-    summary = summarize(prepared, losses, seed=settings.seed, resamples=settings.resamples)
+    scores = run_compare(prepared, options, settings, echo=echo)
+    summary = summarize(prepared, scores.losses, seed=settings.seed, resamples=settings.resamples)
+    summary = with_tasks(summary, scores.tasks)
     files: Dict[str, Callable[[str], None]] = {}
     if outputs.json_file:
         files[outputs.json_file] = lambda path: compare_report.write_json(path, summary)

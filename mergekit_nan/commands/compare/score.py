@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -32,10 +33,11 @@ from mergekit.options import MergeOptions
 
 from mergekit_nan.commands.compare.candidates import Candidate, norm_group
 from mergekit_nan.commands.compare.settings import CompareSettings, HeldOutFile, Prepared
+from mergekit_nan.commands.compare.tasks import TaskPlan, TaskScores, score_tasks
 from mergekit_nan.evaluation import DocumentLosses, document_losses
 from mergekit_nan.shared_norms import NormTable, sharing
 
-__all__ = ["evaluate_model", "merge_candidate", "run_compare"]
+__all__ = ["Evaluation", "Scores", "evaluate_model", "load_model", "merge_candidate", "run_compare"]
 
 
 def _placement(options: MergeOptions) -> Tuple[Dict[str, Any], bool]:
@@ -75,16 +77,8 @@ def _loading_bar(shown: bool) -> Iterator[None]:
             transformers_logging.enable_progress_bar()
 
 
-def evaluate_model(
-    path: str,
-    files: Sequence[HeldOutFile],
-    options: MergeOptions,
-    batch_tokens: int,
-    *,
-    label: str = "",
-) -> List[torch.Tensor]:
-    """Per file, each document's NLL sum (float64, in the file's order) under the model at ``path``."""
-    from tqdm import tqdm
+def load_model(path: str, options: MergeOptions):
+    """The causal LM at ``path``, in eval mode, on compare's device (once per candidate)."""
     from transformers import AutoModelForCausalLM
 
     placement, _ = _placement(options)
@@ -92,7 +86,14 @@ def evaluate_model(
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype="auto", trust_remote_code=options.trust_remote_code, **placement
         )
-    model.eval()
+    return model.eval()
+
+
+def _file_sums(
+    model, files: Sequence[HeldOutFile], options: MergeOptions, batch_tokens: int, label: str
+) -> List[torch.Tensor]:
+    from tqdm import tqdm
+
     device = model.get_input_embeddings().weight.device
     results = []
     total = sum(len(f.token_ids) for f in files)
@@ -117,8 +118,44 @@ def evaluate_model(
                 sums[batch] = torch.tensor(batch_sums, dtype=torch.float64)
                 bar.update(len(batch))
             results.append(sums)
-    del model
     return results
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One candidate scored: each file's document NLL sums, and its task results."""
+
+    sums: List[torch.Tensor]
+    tasks: Optional[TaskScores] = None
+
+
+def evaluate_model(
+    path: str,
+    files: Sequence[HeldOutFile],
+    options: MergeOptions,
+    batch_tokens: int,
+    *,
+    label: str = "",
+    tasks: Optional[TaskPlan] = None,
+    tokenizer=None,
+) -> Evaluation:
+    """The model at ``path``, loaded once, scored on every file and every task.
+
+    Per file each document's NLL sum (float64, in the file's order); with
+    ``tasks``, lm-eval's results on the same loaded model (``tokenizer``: the
+    one the merge would copy).
+    """
+    model = load_model(path, options)
+    try:
+        sums = _file_sums(model, files, options, batch_tokens, label)
+        found = None
+        if tasks is not None:
+            found = score_tasks(
+                model, tokenizer, tasks, quiet=options.quiet, verbose=bool(options.verbosity)
+            )
+    finally:
+        del model
+    return Evaluation(sums, found)
 
 
 def merge_candidate(
@@ -170,34 +207,52 @@ def _scratch(work_dir: Optional[str]):
         yield Path(directory)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """Every candidate's results: ``losses[candidate][file]``, ``tasks[candidate]``."""
+
+    losses: List[List[DocumentLosses]]
+    tasks: List[TaskScores]
+
+
+def _tokenizer(prepared: Prepared, options: MergeOptions):
+    if prepared.tasks is None:
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(
+        prepared.tokenizer_model, trust_remote_code=options.trust_remote_code
+    )
+
+
 def run_compare(
     prepared: Prepared,
     options: MergeOptions,
     settings: CompareSettings,
     *,
     echo: Callable[[str], None] = print,
-) -> List[List[DocumentLosses]]:
-    """Merge and evaluate every candidate; ``[candidate][file]`` document losses.
+) -> Scores:
+    """Merge and evaluate every candidate: each merged once, loaded once, scored on
+    every file and every task.
 
     Each merged candidate lives in a temporary directory (under
     ``settings.work_dir``) only while it is evaluated.
     """
     losses: List[List[DocumentLosses]] = []
+    task_scores: List[TaskScores] = []
     tables: Dict[str, NormTable] = {}
+    tokenizer = _tokenizer(prepared, options)
     token_counts = [
         torch.tensor([len(ids) - 1 for ids in f.token_ids], dtype=torch.long)
         for f in prepared.files
     ]
     for number, candidate in enumerate(prepared.candidates.candidates, start=1):
         count = len(prepared.candidates.candidates)
+        scoring = dict(label=candidate.label, tasks=prepared.tasks, tokenizer=tokenizer)
         if candidate.recipe is None:
             echo(f"[{number}/{count}] {candidate.label}: evaluating {candidate.model}")
-            sums = evaluate_model(
-                str(candidate.model),
-                prepared.files,
-                options,
-                settings.batch_tokens,
-                label=candidate.label,
+            found = evaluate_model(
+                str(candidate.model), prepared.files, options, settings.batch_tokens, **scoring
             )
         else:
             table = tables.setdefault(norm_group(candidate.recipe), NormTable())
@@ -207,12 +262,11 @@ def run_compare(
                 with sharing(table):
                     merge_candidate(candidate, str(scratch / "model"), options)
                 _forget_inputs()
-                sums = evaluate_model(
-                    str(scratch / "model"),
-                    prepared.files,
-                    options,
-                    settings.batch_tokens,
-                    label=candidate.label,
-                )
-        losses.append([DocumentLosses(s, t) for s, t in zip(sums, token_counts)])
-    return losses
+                found = evaluate_model(
+                    str(scratch / "model"), prepared.files, options, settings.batch_tokens,
+                    **scoring,
+                )  # fmt: skip
+        losses.append([DocumentLosses(s, t) for s, t in zip(found.sums, token_counts)])
+        if found.tasks is not None:
+            task_scores.append(found.tasks)
+    return Scores(losses, task_scores)

@@ -31,6 +31,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from mergekit.config import MergeConfiguration
 
 from mergekit_nan.commands.compare.candidates import CandidateSet
+from mergekit_nan.commands.compare.tasks import TaskPlan
 from mergekit_nan.doctor.heldout import DataError, Document, load_documents
 
 __all__ = ["CompareSettings", "HeldOutFile", "Prepared", "prepare", "tokenizer_source"]
@@ -69,6 +70,7 @@ class Prepared:
     candidates: CandidateSet
     files: Tuple[HeldOutFile, ...]
     tokenizer_model: str
+    tasks: Optional[TaskPlan] = None
 
 
 def _config(recipe: Mapping[str, Any]) -> MergeConfiguration:

@@ -11,8 +11,8 @@ file (a stratified bootstrap).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,12 +21,27 @@ from mergekit_nan.commands.compare.settings import Prepared
 from mergekit_nan.evaluation import DocumentLosses, half_split, interval, pick, resampled_sums
 from mergekit_nan.parameters import NAN_EXPONENT
 
-__all__ = ["Difference", "Pick", "Score", "Summary", "regime_reading", "summarize"]
+__all__ = [
+    "BOOTSTRAP_STREAM",
+    "REPORT_STREAM",
+    "SPLIT_STREAM",
+    "Decision",
+    "Difference",
+    "Pick",
+    "Score",
+    "Summary",
+    "decide",
+    "random_stream",
+    "regime_reading",
+    "summarize",
+]
 
-_BOOTSTRAP, _SPLIT, _REPORT = 0, 1, 2
+BOOTSTRAP_STREAM, SPLIT_STREAM, REPORT_STREAM = 0, 1, 2
+"""The random streams: the bootstrap, the half split, the bootstrap of the report halves."""
 
 
-def _generator(seed: int, stream: int, file_index: int) -> torch.Generator:
+def random_stream(seed: int, stream: int, file_index: int) -> torch.Generator:
+    """The generator of ``stream`` for file ``file_index`` under ``seed``."""
     return torch.Generator().manual_seed((seed * 7 + stream) * 100_003 + file_index)
 
 
@@ -41,19 +56,25 @@ class Score:
 
 @dataclass(frozen=True)
 class Difference:
-    """Candidate minus baseline (nats/token; negative: the candidate is better), 95 % interval."""
+    """Candidate minus baseline, with its 95 % interval.
+
+    In nats/token a negative difference is better; in a task metric whose
+    ``higher_is_better`` (accuracy), a positive one.
+    """
 
     diff: float
     low: float
     high: float
+    higher_is_better: bool = False
 
     @property
     def verdict(self) -> str:
         """``better``, ``worse`` or ``unclear`` (the interval holds 0)."""
+        below, above = ("worse", "better") if self.higher_is_better else ("better", "worse")
         if self.high < 0:
-            return "better"
+            return below
         if self.low > 0:
-            return "worse"
+            return above
         return "unclear"
 
 
@@ -74,8 +95,55 @@ class Pick:
 
 
 @dataclass(frozen=True)
+class Decision:
+    """Which model to use, and why: the last line of the output.
+
+    ``winner`` is the pick when it clearly beats the baseline on the documents
+    that did not choose it (all documents when nothing was chosen among
+    several), else the baseline. ``measure`` names what decided ("held-out
+    loss", or a task's name and metric).
+    """
+
+    winner: int
+    measure: str
+    reason: str
+
+
+def decide(
+    candidates: Sequence[Candidate], baseline: int, pick: Pick, measure: str, unit: str
+) -> Decision:
+    """The :class:`Decision` for ``pick``, in ``measure`` (e.g. "held-out loss") and ``unit``."""
+    name = candidates[pick.index].label
+    base = candidates[baseline].label
+    found = pick.overall
+    gain = abs(found.diff)
+    span = f"{found.diff:+.4f} {unit}, {found.low:+.4f} to {found.high:+.4f}"
+    if pick.index == baseline:
+        reason = f"Use {base}: no merge beat it in {measure} on the selection half."
+        return Decision(baseline, measure, reason)
+    if found.verdict == "better":
+        where = " on the half of the documents that did not choose it" if pick.split else ""
+        reason = f"Use {name}: it beats {base} in {measure}{where} by {gain:.4f} {unit} ({span})."
+        return Decision(pick.index, measure, reason)
+    verdict = "is worse than it" if found.verdict == "worse" else "does not clearly beat it"
+    if pick.split:
+        reason = (
+            f"Use {base}: {name}, the best merge on one half of the documents, {verdict} in "
+            f"{measure} on the other half ({span})."
+        )
+    else:
+        reason = f"Use {base}: {name} {verdict} in {measure} ({span})."
+    return Decision(baseline, measure, reason)
+
+
+@dataclass(frozen=True)
 class Summary:
-    """Every number of the comparison; ``[candidate][file]`` where indexed twice."""
+    """Every number of the comparison; ``[candidate][file]`` where indexed twice.
+
+    Without ``--data`` the file statistics are empty and ``pick`` is None;
+    ``tasks`` holds a :class:`~mergekit_nan.commands.compare.task_summary.TaskResult`
+    per task, ``groups`` each group's lm-eval aggregates per candidate.
+    """
 
     prepared: Prepared
     settings_seed: int
@@ -84,9 +152,16 @@ class Summary:
     overall: Tuple[Score, ...]
     differences: Tuple[Tuple[Difference, ...], ...]
     overall_differences: Tuple[Difference, ...]
-    pick: Pick
-    winner: int
+    pick: Optional[Pick]
+    decision: Decision
     regime: Optional[str]
+    tasks: Tuple[Any, ...] = ()
+    groups: Dict[str, Tuple[Dict[str, float], ...]] = field(default_factory=dict)
+
+    @property
+    def winner(self) -> int:
+        """The candidate to use (the pick only when it beats the baseline where it was not chosen)."""
+        return self.decision.winner
 
     @property
     def candidates(self) -> Tuple[Candidate, ...]:
@@ -122,7 +197,13 @@ def _exponent(candidate: Candidate) -> Optional[float]:
 
 
 def regime_reading(
-    candidates: Sequence[Candidate], baseline: int, draws: torch.Tensor, losses: torch.Tensor
+    candidates: Sequence[Candidate],
+    baseline: int,
+    draws: torch.Tensor,
+    losses: torch.Tensor,
+    *,
+    unit: str = "nats/token",
+    sign: float = 1.0,
 ) -> Optional[str]:
     """What the exponent sweep says about NAN's premise (None without exponents of both signs).
 
@@ -131,7 +212,9 @@ def regime_reading(
     highest (NAN's 1), with the baseline's equal weights (exponent 0) between
     them: when the baseline clearly beats both, the update sizes say nothing
     about which model to trust, whichever of the two loses less; else the one
-    that clearly beats the other names the regime.
+    that clearly beats the other names the regime. A metric where higher is
+    better comes negated (lower is better here) with ``sign`` -1: differences
+    are shown in the metric's own direction, in ``unit``.
     """
     exponents = [(e, i) for i, c in enumerate(candidates) if (e := _exponent(c)) is not None]
     if not any(e < 0 for e, _ in exponents) or not any(e > 0 for e, _ in exponents):
@@ -139,9 +222,10 @@ def regime_reading(
     low_e, low = min(exponents)
     high_e, high = max(exponents)
     found = _difference(draws[low] - draws[high], float(losses[low] - losses[high]))
+    shown = sorted((sign * found.low + 0.0, sign * found.high + 0.0))
     between = (
-        f"nan_exponent {low_e:g} against {high_e:g}: {found.diff:+.4f} nats/token "
-        f"({found.low:+.4f} to {found.high:+.4f})"
+        f"nan_exponent {low_e:g} against {high_e:g}: {sign * found.diff + 0.0:+.4f} {unit} "
+        f"({shown[0]:+.4f} to {shown[1]:+.4f})"
     )
     behind = [
         _difference(draws[i] - draws[baseline], float(losses[i] - losses[baseline]))
@@ -151,7 +235,7 @@ def regime_reading(
         return (
             f"The exponent sweep finds neither regime: {candidates[baseline].label} beats "
             f"nan_exponent {high_e:g} by {behind[0].diff:.4f} and {low_e:g} by "
-            f"{behind[1].diff:.4f} nats/token (both clear), so the update sizes do not tell "
+            f"{behind[1].diff:.4f} {unit} (both clear), so the update sizes do not tell "
             f"which model to trust here; {between}."
         )
     if found.verdict == "better":
@@ -170,10 +254,15 @@ def summarize(
     """Every statistic of the module docstring, for ``losses[candidate][file]``."""
     candidates = prepared.candidates.candidates
     base = prepared.candidates.baseline
+    if not prepared.files:
+        empty = ((),) * len(candidates)
+        return Summary(
+            prepared, seed, resamples, empty, (), empty, (), None, Decision(base, "", ""), None
+        )
     files = range(len(prepared.files))
     stacked = [_stacked(losses, f) for f in files]
     drawn = [
-        resampled_sums(s, resamples, _generator(seed, _BOOTSTRAP, f))
+        resampled_sums(s, resamples, random_stream(seed, BOOTSTRAP_STREAM, f))
         for s, f in zip(stacked, files)
     ]
     scores, differences = [], []
@@ -201,13 +290,13 @@ def summarize(
     merged = [i for i, c in enumerate(candidates) if c.merged]
     if len(merged) > 2:
         halves = [
-            half_split(s.tokens.numel(), _generator(seed, _SPLIT, f))
+            half_split(s.tokens.numel(), random_stream(seed, SPLIT_STREAM, f))
             for s, f in zip(stacked, files)
         ]
         chosen = pick([s.subset(h[0]) for s, h in zip(stacked, halves)], merged)
         reported = [s.subset(h[1]) for s, h in zip(stacked, halves)]
         report_draws = [
-            resampled_sums(r, resamples, _generator(seed, _REPORT, f))
+            resampled_sums(r, resamples, random_stream(seed, REPORT_STREAM, f))
             for r, f in zip(reported, files)
         ]
         per_file = []
@@ -224,13 +313,11 @@ def summarize(
         whole = _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
         selection = tuple(tuple(int(i) for i in h[0]) for h in halves)
         found = Pick(chosen, True, tuple(per_file), whole, selection)
-        winner = chosen
     else:
         recipe = 0
         found = Pick(
             recipe, False, tuple(d[recipe] for d in differences), overall_differences[recipe]
         )
-        winner = min(merged, key=lambda i: (float(pooled[i]), i))
     return Summary(
         prepared,
         seed,
@@ -240,6 +327,6 @@ def summarize(
         tuple(tuple(row[c] for row in differences) for c in range(len(candidates))),
         overall_differences,
         found,
-        winner,
+        decide(candidates, base, found, "held-out loss", "nats/token"),
         regime_reading(candidates, base, pooled_draws, pooled),
     )
