@@ -93,9 +93,10 @@ def choice_task(
     Each ``context``-byte window of a test document is one question: its first
     ``context - CONTINUATION`` bytes the context, its last ``CONTINUATION`` the
     true continuation; the three distractors are the same bytes of three windows
-    of other documents of the domain, drawn with ``seed``. Text is the Latin-1
+    of other documents of the domain, drawn with ``seed`` (other windows of any
+    document where the split has too few other documents). Text is the Latin-1
     decoding of the bytes (the byte tokenizer's ids), choices follow the context
-    directly.
+    directly. A distractor never equals the true continuation.
     """
     rng = random.Random(f"{domain}-{seed}")
     windows = [
@@ -107,13 +108,17 @@ def choice_task(
     name = "qlm_" + domain.replace("-", "_")
     with open(folder / f"{name}.jsonl", "w", encoding="utf-8") as file:
         for number, window in windows:
-            elsewhere = [i for i, (other, _) in enumerate(windows) if other != number]
+            true = window[prefix:]
+            unlike = [i for i, (_, w) in enumerate(windows) if w[prefix:] != true]
+            elsewhere = [i for i in unlike if windows[i][0] != number]
+            if len(elsewhere) < 3:  # a test split of one or two documents (tiny sizes)
+                elsewhere = unlike
             if len(elsewhere) < 3:
-                raise ValueError(f"{domain}: too few test windows in other documents")
+                raise ValueError(f"{domain}: fewer than four test windows for its questions")
             others = rng.sample(elsewhere, 3)
             choices = [windows[i][1][prefix:] for i in others]
             gold = rng.randrange(4)
-            choices.insert(gold, window[prefix:])
+            choices.insert(gold, true)
             record = {"context": window[:prefix].decode("latin-1"),
                       "choices": [c.decode("latin-1") for c in choices], "gold": gold}  # fmt: skip
             file.write(json.dumps(record) + "\n")
