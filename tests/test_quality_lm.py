@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Iterator
 
 import pytest
-from support import benchmark_folder, documented_arguments
+from support import documented_arguments, imported_benchmark
 
 EXPERIMENTS = ("three-domain", "one-domain")
 REGIMES = ("epochs", "steps")
@@ -26,21 +26,8 @@ DOMAINS = ("c-headers", "licences", "package-docs")
 
 @pytest.fixture
 def quality_lm(monkeypatch: pytest.MonkeyPatch) -> Iterator[ModuleType]:
-    monkeypatch.syspath_prepend(str(benchmark_folder("quality_lm.py")))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
-    import torch
-    from transformers.utils import logging as transformers_logging
-
-    # The benchmark sets process-wide state; give it back to the other tests.
-    threads = torch.get_num_threads()
-    verbosity = transformers_logging.get_verbosity()
-    bars = transformers_logging.is_progress_bar_enabled()
-    yield importlib.import_module("quality_lm")
-    torch.set_num_threads(threads)
-    transformers_logging.set_verbosity(verbosity)
-    if bars:
-        transformers_logging.enable_progress_bar()
+    with imported_benchmark(monkeypatch, "quality_lm.py") as module:
+        yield module
 
 
 def test_quality_lm_tiny(

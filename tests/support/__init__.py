@@ -34,6 +34,7 @@ from .pages import (
     blocks,
     commands,
     documented_arguments,
+    imported_benchmark,
     run_benchmark,
 )
 from .recipes import (
@@ -83,6 +84,7 @@ __all__ = [
     "command",
     "commands",
     "documented_arguments",
+    "imported_benchmark",
     "family_recipe",
     "finding_codes",
     "load_model_tensors",

@@ -76,6 +76,27 @@ def benchmark_script(script: str) -> ModuleType:
     return importlib.import_module(Path(script).stem)
 
 
+@contextlib.contextmanager
+def imported_benchmark(monkeypatch, script: str) -> Iterator[ModuleType]:
+    """A benchmark script imported offline for a test; the process-wide state it sets (torch
+    threads, transformers' logging) is given back to the other tests afterwards."""
+    monkeypatch.syspath_prepend(str(benchmark_folder(script)))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    from transformers.utils import logging as transformers_logging
+
+    threads = torch.get_num_threads()
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    try:
+        yield importlib.import_module(Path(script).stem)
+    finally:
+        torch.set_num_threads(threads)
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
 def run_benchmark(script: str, *args: str) -> str:
     """Run a benchmark script's ``main`` in this process; its stdout (it must exit 0)."""
     stdout, stderr = io.StringIO(), io.StringIO()
