@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
@@ -48,6 +48,8 @@ from overhead_models import FAMILIES, build_family  # noqa: E402
 
 DEFAULT_CACHE = HERE.parent / ".cache"
 DOCUMENT_TOKENS = 500
+Run = Tuple[float, int, float]
+"""One child process: wall seconds, peak RSS bytes, CPU seconds."""
 
 
 def _console(name: str) -> str:
@@ -97,7 +99,7 @@ def compare_side(work: Path) -> Tuple[List[Tuple[float, int, float]], Dict[str, 
     runs = [measured(command, work / "compare.log")]
     data = json.loads((work / "c.json").read_text())
     losses = {c["label"]: c["files"][str(work / "heldout.txt")]["nll"] for c in data["candidates"]}
-    return runs, losses
+    return runs, losses, data
 
 
 def by_hand_side(work: Path, recipes: Dict[str, Dict], tokenizer: Path):
@@ -121,6 +123,53 @@ def by_hand_side(work: Path, recipes: Dict[str, Dict], tokenizer: Path):
     return runs, losses
 
 
+def side_by_side(
+    rounds: int,
+    compare: Callable[[], Tuple[List[Run], Dict[str, Any], Dict[str, Any]]],
+    by_hand: Callable[[Dict[str, Dict]], Tuple[List[Run], Dict[str, Any]]],
+) -> Tuple[Dict[str, List[Dict[str, Any]]], Dict[str, Dict[str, Any]]]:
+    """Both sides ``rounds`` times in alternating order; each side's runs per round, and the
+    values each reported (its last round's).
+
+    ``compare()`` returns its runs, its values and its ``--json``, whose recipes the by-hand
+    side merges, so compare goes first in the first round.
+    """
+    results: Dict[str, List[Dict[str, Any]]] = {"compare": [], "by_hand": []}
+    values: Dict[str, Dict[str, Any]] = {}
+    recipes: Dict[str, Dict] = {}
+    for number in range(rounds):
+        order = ["compare", "by_hand"] if number % 2 == 0 else ["by_hand", "compare"]
+        for side in order:
+            if side == "compare":
+                runs, values[side], data = compare()
+                recipes = {c["label"]: c["recipe"] for c in data["candidates"]}
+            else:
+                runs, values[side] = by_hand(recipes)
+            wall, rss, cpu = (
+                sum(r[0] for r in runs),
+                max(r[1] for r in runs),
+                sum(r[2] for r in runs),
+            )
+            results[side].append({"wall": wall, "rss": rss, "cpu": cpu, "runs": runs,
+                                  "load": load_average()})  # fmt: skip
+            print(f"round {number + 1} {side}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB, "
+                  f"CPU {cpu:.1f} s (processes: {len(runs)}; load {load_average()})")  # fmt: skip
+    return results, values
+
+
+def print_ratios(results: Dict[str, List[Dict[str, Any]]]) -> None:
+    """compare over by hand: medians of wall (summed processes), peak RSS (largest process)
+    and CPU over the rounds."""
+    medians = {
+        side: {key: statistics.median(r[key] for r in runs) for key in ("wall", "rss", "cpu")}
+        for side, runs in results.items()
+    }
+    wall, rss, cpu = (medians["compare"][k] / medians["by_hand"][k] for k in ("wall", "rss", "cpu"))
+    rounds = len(results["compare"])
+    print(f"compare / by hand: wall ratio {wall:.3f}, peak-RSS ratio {rss:.3f}, CPU ratio "
+          f"{cpu:.3f} (medians of {rounds} rounds; load {load_average()})")  # fmt: skip
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(FAMILIES), default="134m")
@@ -140,40 +189,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "models": [{"model": str(p)} for p in paths[1:]], "dtype": "bfloat16"}  # fmt: skip
     (work / "nan.yml").write_text(yaml.safe_dump(recipe))
     print(f"{args.size}: {family.description}; {tokens} held-out tokens; load {load_average()}")
-    results = {"compare": [], "by_hand": []}
-    losses = {}
-    recipes = None
-    for number in range(args.rounds):
-        order = ["compare", "by_hand"] if number % 2 == 0 else ["by_hand", "compare"]
-        if recipes is None:  # the by-hand recipes are compare's own
-            order = ["compare", "by_hand"]
-        for side in order:
-            if side == "compare":
-                runs, losses["compare"] = compare_side(work)
-                data = json.loads((work / "c.json").read_text())
-                recipes = {c["label"]: c["recipe"] for c in data["candidates"]}
-            else:
-                runs, losses["by_hand"] = by_hand_side(work, recipes, paths[0])
-            wall = sum(r[0] for r in runs)
-            rss = max(r[1] for r in runs)
-            cpu = sum(r[2] for r in runs)
-            results[side].append({"wall": wall, "rss": rss, "cpu": cpu, "runs": runs,
-                                  "load": load_average()})  # fmt: skip
-            print(f"round {number + 1} {side}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB, "
-                  f"CPU {cpu:.1f} s (processes: {len(runs)}; load {load_average()})")  # fmt: skip
-    medians = {
-        side: {key: statistics.median(r[key] for r in runs) for key in ("wall", "rss", "cpu")}
-        for side, runs in results.items()
-    }
+    results, losses = side_by_side(
+        args.rounds,
+        lambda: compare_side(work),
+        lambda recipes: by_hand_side(work, recipes, paths[0]),
+    )
     for label, value in losses["compare"].items():
         other = losses["by_hand"][label]
         print(f"{label}: compare {value:.6f}, by hand {other:.6f} nats/token "
               f"(relative difference {abs(value - other) / other:.1e})")  # fmt: skip
-    wall = medians["compare"]["wall"] / medians["by_hand"]["wall"]
-    rss = medians["compare"]["rss"] / medians["by_hand"]["rss"]
-    cpu = medians["compare"]["cpu"] / medians["by_hand"]["cpu"]
-    print(f"compare / by hand: wall ratio {wall:.3f}, peak-RSS ratio {rss:.3f}, CPU ratio "
-          f"{cpu:.3f} (medians of {args.rounds} rounds; load {load_average()})")  # fmt: skip
+    print_ratios(results)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "losses": losses}, indent=1))
     shutil.rmtree(work)

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent / "overhead"))
 
-from cost import _console, add_tokenizer, measured  # noqa: E402
+from cost import _console, add_tokenizer, measured, print_ratios, side_by_side  # noqa: E402
 from overhead_load import load_average  # noqa: E402
 from overhead_models import FAMILIES, build_family  # noqa: E402
 
@@ -87,7 +87,7 @@ def write_tasks(folder: Path, vocab_size: int, documents: int) -> None:
         )
 
 
-def compare_side(work: Path) -> Tuple[List[Tuple[float, int, float]], Dict[str, Dict]]:
+def compare_side(work: Path) -> Tuple[List[Tuple[float, int, float]], Dict[str, Dict], Dict]:
     command = [_console("mergekit-nan"), "compare", str(work / "nan.yml"),
                "--task", str(work / "tasks" / "bench_mc.yaml"),
                "--task", str(work / "tasks" / "bench_gen.yaml"), "--exponent", "-1",
@@ -95,7 +95,7 @@ def compare_side(work: Path) -> Tuple[List[Tuple[float, int, float]], Dict[str, 
     runs = [measured(command, work / "compare.log")]
     data = json.loads((work / "c.json").read_text())
     scores = {c["label"]: {t: c["tasks"][t]["value"] for t in TASKS} for c in data["candidates"]}
-    return runs, scores
+    return runs, scores, data
 
 
 def by_hand_side(work: Path, recipes: Dict[str, Dict]):
@@ -126,6 +126,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(FAMILIES), default="134m")
     parser.add_argument("--documents", type=int, default=200, help="Multiple-choice documents")
+    parser.add_argument("--rounds", type=int, default=1, help="rounds, the order alternating")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--json", type=Path, default=None, help="Write every run here")
     args = parser.parse_args(argv)
@@ -141,24 +142,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (work / "nan.yml").write_text(yaml.safe_dump(recipe))
     print(f"{args.size}: {family.description}; tasks: {args.documents} multiple-choice and "
           f"{args.documents // 2} generate-until documents; load {load_average()}")  # fmt: skip
-    results, scores = {}, {}
-    runs, scores["compare"] = compare_side(work)
-    results["compare"] = runs
-    data = json.loads((work / "c.json").read_text())
-    recipes = {c["label"]: c["recipe"] for c in data["candidates"]}
-    runs, scores["by_hand"] = by_hand_side(work, recipes)
-    results["by_hand"] = runs
-    for side, runs in results.items():
-        wall = sum(r[0] for r in runs)
-        rss = max(r[1] for r in runs)
-        print(f"{side}: {wall:.1f} s, peak RSS {rss / 2**20:.0f} MiB, CPU "
-              f"{sum(r[2] for r in runs):.1f} s ({len(runs)} processes; load {load_average()})")  # fmt: skip
+    results, scores = side_by_side(
+        args.rounds, lambda: compare_side(work), lambda recipes: by_hand_side(work, recipes)
+    )
     for label, values in scores["compare"].items():
         print(f"{label}: compare {values}, by hand {scores['by_hand'][label]}")
-    wall = sum(r[0] for r in results["compare"]) / sum(r[0] for r in results["by_hand"])
-    rss = max(r[1] for r in results["compare"]) / max(r[1] for r in results["by_hand"])
-    print(f"compare / by hand: wall ratio {wall:.3f}, peak-RSS ratio {rss:.3f} "
-          f"(one round; load {load_average()})")  # fmt: skip
+    print_ratios(results)
     if args.json:
         args.json.write_text(json.dumps({"results": results, "scores": scores}, indent=1))
     shutil.rmtree(work)
