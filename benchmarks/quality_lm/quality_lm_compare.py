@@ -276,7 +276,7 @@ def accuracy_table(record) -> List[str]:
     lines = [
         "accuracy: the same compare runs on one multiple-choice task per domain (which of four "
         f"{CONTINUATION}-byte continuations follows the context: the true one or three from "
-        "other test windows of the domain); accuracy minus uniform's, 95% paired bootstrap "
+        "other test documents of the domain); accuracy minus uniform's, 95% paired bootstrap "
         "intervals over questions. Positive = better than uniform.",
         "",
         "| regime | seed | task | uniform's accuracy | nan - uniform | p=-1 - uniform |",
