@@ -15,6 +15,7 @@ import json
 import random
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 from typing import Dict, List
 
@@ -114,14 +115,20 @@ def compared(workspace) -> Dict:
     """compare with --data and two tasks over three merged candidates, merges and loads counted."""
     from transformers import AutoModelForCausalLM
 
-    counts = {"merges": 0, "loads": 0, "from_pretrained": 0}
+    counts = {"merges": 0, "loads": 0, "from_pretrained": 0, "alive_at_merge": []}
     merge, load = compare_score.merge_candidate, compare_score.load_model
     from_pretrained = AutoModelForCausalLM.from_pretrained
+    models: List[weakref.ref] = []
 
     def counted(key, function):
         def wrapper(*args, **kwargs):
             counts[key] += 1
-            return function(*args, **kwargs)
+            if key == "merges":  # earlier candidates' models still in memory
+                counts["alive_at_merge"].append(sum(m() is not None for m in models))
+            result = function(*args, **kwargs)
+            if key == "loads":
+                models.append(weakref.ref(result))
+            return result
 
         return wrapper
 
@@ -254,10 +261,20 @@ def test_task_bootstrap_and_pick_equal_an_explicit_seeded_computation(compared):
         assert pick["vs_baseline"]["diff"] == pytest.approx(reported)
 
 
+def test_each_model_is_freed_before_the_next_merge(compared):
+    """lm-eval's wrapper and the model form a cycle; compare collects it, so models never pile
+    up in memory (each merge starts with no earlier model alive)."""
+    assert compared["counts"]["alive_at_merge"] == [0, 0, 0]
+
+
 def test_data_and_tasks_together_merge_and_load_each_candidate_once(compared, workspace):
     data, counts = compared["json"], compared["counts"]
     assert [c["label"] for c in data["candidates"]] == ["nan", "uniform", "nan exponent=-1"]
-    assert counts == {"merges": 3, "loads": 3, "from_pretrained": 3}
+    assert {k: counts[k] for k in ("merges", "loads", "from_pretrained")} == {
+        "merges": 3,
+        "loads": 3,
+        "from_pretrained": 3,
+    }
     for candidate in data["candidates"]:
         assert set(candidate["files"]) == {"a.txt"} and "vs_baseline_overall" in candidate
         assert (

@@ -21,6 +21,7 @@ its frozen recipe, without the norm arithmetic.
 from __future__ import annotations
 
 import contextlib
+import gc
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,7 +155,11 @@ def evaluate_model(
                 model, tokenizer, tasks, quiet=options.quiet, verbose=bool(options.verbosity)
             )
     finally:
+        # lm-eval's wrapper and the model refer to each other: only the cyclic collector
+        # frees them, and a large model is few objects, so it would not run before the
+        # next merge and the next model would come on top of this one.
         del model
+        gc.collect()
     return Evaluation(sums, found)
 
 
