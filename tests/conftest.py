@@ -7,6 +7,7 @@ import os
 # Before anything imports huggingface_hub, which reads these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # lm-eval reads local task data only
 
 import logging  # noqa: E402
 from pathlib import Path  # noqa: E402
