@@ -18,9 +18,14 @@ import math
 import os
 import platform
 import statistics
+import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from quality_encoder_experiments import METHODS, NAN_VARIANTS, REFERENCE, Record
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "quality_lm"))  # its statistics
+from quality_lm_merges import spearman  # noqa: E402
 
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 CLEAR_GAIN = 0.02
@@ -49,27 +54,6 @@ def _interval(values: Sequence[float]) -> str:
         return f"{mean:+.2f} ({better}/{worse})"
     half = T95.get(len(values) - 1, 1.96) * statistics.stdev(values) * 100 / math.sqrt(len(values))
     return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}] ({better}/{worse})"
-
-
-def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
-    def ranks(values: Sequence[float]) -> List[float]:
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    rx, ry = ranks(x), ranks(y)
-    mx, my = statistics.fmean(rx), statistics.fmean(ry)
-    num = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    den = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
-    return num / den if den > 0 else float("nan")
 
 
 class View:
@@ -154,7 +138,7 @@ def premise_table(view: View) -> str:
     lines.append("|---|---|---|---|---|")
     for regime in view.regimes():
         entries = [v for k, v in record.norms.items() if k[0] == regime]
-        rho = _spearman([e[0] for e in entries], [e[1] for e in entries])
+        rho = spearman([e[0] for e in entries], [e[1] for e in entries])
         for volume in sorted({e[0] for e in entries}):
             norms = [e[1] for e in entries if e[0] == volume]
             steps = sorted({e[2] for e in entries if e[0] == volume})
