@@ -21,19 +21,9 @@ import math
 from typing import Any, Dict, List
 
 from mergekit_nan.commands.compare import task_report
-from mergekit_nan.commands.compare.summary import Difference, Score, Summary
+from mergekit_nan.commands.compare.summary import Score, Summary
 
 __all__ = ["format_table", "to_json", "verdict_lines", "write_csv", "write_json", "write_plot"]
-
-
-def _cell(score: Score) -> str:
-    return f"{score.loss:.4f} [{score.low:.4f}, {score.high:.4f}]"
-
-
-def _diff_cell(difference: Difference, baseline: bool) -> str:
-    if baseline:
-        return "baseline"
-    return f"{difference.diff:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]"
 
 
 def format_table(summary: Summary) -> str:
@@ -53,7 +43,7 @@ def format_table(summary: Summary) -> str:
             [summary.overall_differences[c]] if len(names) > 1 else []
         )
         for score, difference in zip(scores, diffs):
-            row += [_cell(score), _diff_cell(difference, c == summary.baseline)]
+            row += [score.cell(), "baseline" if c == summary.baseline else difference.cell()]
         rows.append(row + task_cells[c])
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
@@ -122,10 +112,6 @@ def _score_json(score: Score, tokens: int, documents: int, skipped: int) -> Dict
     }
 
 
-def _diff_json(difference: Difference) -> Dict[str, Any]:
-    return {"diff": difference.diff, "ci95": [difference.low, difference.high]}
-
-
 def to_json(summary: Summary) -> Dict[str, Any]:
     """The comparison as the mapping of the module docstring."""
     files = summary.prepared.files
@@ -145,11 +131,9 @@ def to_json(summary: Summary) -> Dict[str, Any]:
         }
         if files:
             entry["overall"] = _score_json(summary.overall[c], tokens, documents, skipped)
-        entry["vs_baseline"] = {
-            f.name: _diff_json(d) for f, d in zip(files, summary.differences[c])
-        }
+        entry["vs_baseline"] = {f.name: d.as_json() for f, d in zip(files, summary.differences[c])}
         if files:
-            entry["vs_baseline_overall"] = _diff_json(summary.overall_differences[c])
+            entry["vs_baseline_overall"] = summary.overall_differences[c].as_json()
         if summary.tasks:
             entry.update(task_report.candidate_tasks_json(summary, c))
         candidates.append(entry)
@@ -159,8 +143,8 @@ def to_json(summary: Summary) -> Dict[str, Any]:
         pick = {
             "label": summary.candidates[chosen.index].label,
             "method": "half-split" if chosen.split else "all documents",
-            "vs_baseline": {f.name: _diff_json(d) for f, d in zip(files, chosen.files)},
-            "vs_baseline_overall": _diff_json(chosen.overall),
+            "vs_baseline": {f.name: d.as_json() for f, d in zip(files, chosen.files)},
+            "vs_baseline_overall": chosen.overall.as_json(),
         }
     if chosen is not None and chosen.split:
         pick["selection"] = {f.name: list(s) for f, s in zip(files, chosen.selection)}

@@ -31,6 +31,7 @@ __all__ = [
     "Score",
     "Summary",
     "decide",
+    "difference",
     "random_stream",
     "regime_reading",
     "summarize",
@@ -52,6 +53,10 @@ class Score:
     loss: float
     low: float
     high: float
+
+    def cell(self) -> str:
+        """The value and its interval, as the table shows them."""
+        return f"{self.loss:.4f} [{self.low:.4f}, {self.high:.4f}]"
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,14 @@ class Difference:
         if self.low > 0:
             return above
         return "unclear"
+
+    def cell(self) -> str:
+        """The difference and its interval, as the table shows them."""
+        return f"{self.diff:+.4f} [{self.low:+.4f}, {self.high:+.4f}]"
+
+    def as_json(self) -> Dict[str, Any]:
+        """``{"diff": ..., "ci95": [low, high]}``, as the JSON holds it."""
+        return {"diff": self.diff, "ci95": [self.low, self.high]}
 
 
 @dataclass(frozen=True)
@@ -177,9 +190,10 @@ def _score(nll: torch.Tensor, tokens: torch.Tensor, loss: float) -> Score:
     return Score(loss, low, high)
 
 
-def _difference(draws: torch.Tensor, diff: float) -> Difference:
+def difference(draws: torch.Tensor, diff: float, higher_is_better: bool = False) -> Difference:
+    """``diff`` with the 95 % percentile interval of its bootstrap ``draws``."""
     low, high = interval(draws)
-    return Difference(diff, low, high)
+    return Difference(diff, low, high, higher_is_better)
 
 
 def _stacked(losses: Sequence[Sequence[DocumentLosses]], file_index: int) -> DocumentLosses:
@@ -221,14 +235,14 @@ def regime_reading(
         return None
     low_e, low = min(exponents)
     high_e, high = max(exponents)
-    found = _difference(draws[low] - draws[high], float(losses[low] - losses[high]))
+    found = difference(draws[low] - draws[high], float(losses[low] - losses[high]))
     shown = sorted((sign * found.low + 0.0, sign * found.high + 0.0))
     between = (
         f"nan_exponent {low_e:g} against {high_e:g}: {sign * found.diff + 0.0:+.4f} {unit} "
         f"({shown[0]:+.4f} to {shown[1]:+.4f})"
     )
     behind = [
-        _difference(draws[i] - draws[baseline], float(losses[i] - losses[baseline]))
+        difference(draws[i] - draws[baseline], float(losses[i] - losses[baseline]))
         for i in (high, low)
     ]
     if all(d.verdict == "worse" for d in behind):
@@ -272,7 +286,7 @@ def summarize(
         scores.append([_score(nll[c], tokens, float(loss[c])) for c in range(len(candidates))])
         differences.append(
             [
-                _difference(draws[c] - draws[base], float(loss[c] - loss[base]))
+                difference(draws[c] - draws[base], float(loss[c] - loss[base]))
                 for c in range(len(candidates))
             ]
         )
@@ -284,7 +298,7 @@ def summarize(
         _score(total_nll[c], total_tokens, float(pooled[c])) for c in range(len(candidates))
     )
     overall_differences = tuple(
-        _difference(pooled_draws[c] - pooled_draws[base], float(pooled[c] - pooled[base]))
+        difference(pooled_draws[c] - pooled_draws[base], float(pooled[c] - pooled[base]))
         for c in range(len(candidates))
     )
     merged = [i for i, c in enumerate(candidates) if c.merged]
@@ -304,13 +318,13 @@ def summarize(
             loss = r.loss()
             draws = nll / tokens
             per_file.append(
-                _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
+                difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
             )
         nll = sum(n for n, _ in report_draws)
         tokens = sum(t for _, t in report_draws)
         loss = sum(r.nll.sum(dim=-1) for r in reported) / sum(r.tokens.sum() for r in reported)
         draws = nll / tokens
-        whole = _difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
+        whole = difference(draws[chosen] - draws[base], float(loss[chosen] - loss[base]))
         selection = tuple(tuple(int(i) for i in h[0]) for h in halves)
         found = Pick(chosen, True, tuple(per_file), whole, selection)
     else:

@@ -62,12 +62,7 @@ def task_columns(summary: Summary) -> Tuple[List[str], List[List[str]]]:
         row = []
         for result in summary.tasks:
             score, difference = result.scores[c], result.differences[c]
-            row.append(f"{score.loss:.4f} [{score.low:.4f}, {score.high:.4f}]")
-            row.append(
-                "baseline"
-                if c == summary.baseline
-                else f"{difference.diff:+.4f} [{difference.low:+.4f}, {difference.high:+.4f}]"
-            )
+            row += [score.cell(), "baseline" if c == summary.baseline else difference.cell()]
         rows.append(row)
     return header, rows
 
@@ -138,10 +133,6 @@ def task_lines(summary: Summary) -> List[str]:
     return lines
 
 
-def _diff_json(difference: Difference) -> Dict[str, Any]:
-    return {"diff": difference.diff, "ci95": [difference.low, difference.high]}
-
-
 def candidate_tasks_json(summary: Summary, c: int) -> Dict[str, Any]:
     """Candidate ``c``'s ``tasks`` and ``vs_baseline_tasks`` (module docstring)."""
     tasks, differences = {}, {}
@@ -158,7 +149,7 @@ def candidate_tasks_json(summary: Summary, c: int) -> Dict[str, Any]:
             },
             "per_document": list(result.values[c]),
         }
-        differences[task.name] = _diff_json(result.differences[c])
+        differences[task.name] = result.differences[c].as_json()
     return {"tasks": tasks, "vs_baseline_tasks": differences}
 
 
@@ -167,7 +158,7 @@ def _pick_json(summary: Summary, result: TaskResult) -> Dict[str, Any]:
     found: Dict[str, Any] = {
         "label": summary.candidates[chosen.index].label,
         "method": "half-split" if chosen.split else "all documents",
-        "vs_baseline": _diff_json(chosen.overall),
+        "vs_baseline": chosen.overall.as_json(),
     }
     if chosen.split:
         found["selection"] = list(chosen.selection[0])

@@ -30,6 +30,7 @@ from mergekit_nan.commands.compare.summary import (
     Score,
     Summary,
     decide,
+    difference,
     random_stream,
     regime_reading,
 )
@@ -56,11 +57,6 @@ class TaskResult:
     decision: Decision
 
 
-def _difference(draws: torch.Tensor, diff: float, higher_is_better: bool) -> Difference:
-    low, high = interval(draws)
-    return Difference(diff, low, high, higher_is_better)
-
-
 def summarize_task(
     candidates: Sequence[Candidate],
     baseline: int,
@@ -83,7 +79,7 @@ def summarize_task(
     means = stacked.loss()
     scores = tuple(Score(float(means[c]), *interval(draws[c])) for c in range(len(candidates)))
     differences = tuple(
-        _difference(draws[c] - draws[baseline], float(means[c] - means[baseline]), better)
+        difference(draws[c] - draws[baseline], float(means[c] - means[baseline]), better)
         for c in range(len(candidates))
     )
     merged = [i for i, c in enumerate(candidates) if c.merged]
@@ -94,7 +90,7 @@ def summarize_task(
         reported = stacked.subset(report)
         rn, rc = resampled_sums(reported, resamples, random_stream(seed, REPORT_STREAM, stream))
         rm = reported.loss()
-        found = _difference(rn[chosen] / rc - rn[baseline] / rc, float(rm[chosen] - rm[baseline]),
+        found = difference(rn[chosen] / rc - rn[baseline] / rc, float(rm[chosen] - rm[baseline]),
                             better)  # fmt: skip
         chosen_pick = Pick(chosen, True, (found,), found, (tuple(selection.tolist()),))
     else:
