@@ -108,7 +108,7 @@ def _quiet_transformers() -> Iterator[None]:
         transformers_logging.set_verbosity(verbosity)
 
 
-def _plan(config, models: Sequence[ModelFacts], options: MergeOptions):
+def _stock_plan(config, models: Sequence[ModelFacts], options: MergeOptions):
     """mergekit's planner after ``_plan()``, reading configs and headers only.
 
     Architectures are allowed to differ (``architecture-mismatch`` already
@@ -194,7 +194,7 @@ def plan_findings(
     if not usable or not _known_method(config.merge_method):
         return [], None  # the missing models or the unknown method are findings already
     try:
-        planner = _plan(config, models, options)
+        planner = _stock_plan(config, models, options)
     except Exception as error:
         if explained:
             return [], None

@@ -284,11 +284,12 @@ def _group_aggregates(results: Dict[str, Any]) -> Dict[str, float]:
     return found
 
 
-def _configure(plan: TaskPlan) -> None:
-    """lm-eval's own overrides, as ``simple_evaluate`` applies them to each task."""
+def _configure(plan: TaskPlan, tasks: Sequence[Any]) -> None:
+    """lm-eval's own overrides, as ``simple_evaluate`` applies them to each task (the
+    few-shot seed again for each candidate, so all see the same examples)."""
     from lm_eval.defaults import DEFAULT_OTHER_SEED
 
-    for task in _leaves(plan):
+    for task in tasks:
         if task.get_config("output_type") == "generate_until" and plan.gen_kwargs:
             task.set_config(key="generation_kwargs", value=plan.gen_kwargs, update=True)
         fewshot = plan.settings.num_fewshot
@@ -297,11 +298,6 @@ def _configure(plan: TaskPlan) -> None:
         elif task.get_config("num_fewshot") is None:
             task.set_config(key="num_fewshot", value=0)
         task.set_fewshot_seed(seed=DEFAULT_OTHER_SEED)
-
-
-def _leaves(plan: TaskPlan) -> List[Any]:
-    loaded = plan.manager.load(list(plan.objects))
-    return list(loaded["tasks"].values())
 
 
 def score_tasks(
@@ -326,10 +322,11 @@ def score_tasks(
         if quiet:
             for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
                 setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
-        _configure(plan)
+        task_dict = plan.manager.load(list(plan.objects))
+        _configure(plan, list(task_dict["tasks"].values()))
         out = evaluate(
             lm=lm,
-            task_dict=plan.manager.load(list(plan.objects)),
+            task_dict=task_dict,
             samples={t.name: list(t.documents) for t in plan.tasks},
             bootstrap_iters=0,
             log_samples=True,
