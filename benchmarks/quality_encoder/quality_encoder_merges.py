@@ -90,6 +90,8 @@ class Merger:
     def __init__(self) -> None:
         (script,) = entry_points(group="console_scripts", name="mergekit-pytorch")
         self._main = script.load()
+        self._bases: Dict[Path, State] = {}
+        """Each base's tensors, read once (every merge subtracts them)."""
         self.calls = 0
 
     def merge(
@@ -113,7 +115,9 @@ class Merger:
             LoaderCache().loaders.clear()
             shutil.rmtree(out, ignore_errors=True)
         self.calls += 1
-        reference = load_file(str(base))
+        if base not in self._bases:
+            self._bases[base] = load_file(str(base))
+        reference = self._bases[base]
         return {
             n: merged[n].double() - reference[n].double()
             for n in reference
